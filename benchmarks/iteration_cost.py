@@ -1,0 +1,240 @@
+"""What one training iteration costs for TailorPO and for D3PO, given the same number of trained pairs.
+
+The spec ("Where the compute goes") says TailorPO should cost less per pair than D3PO. The reason is that
+TailorPO's two branches share one x_t, so one forward at that x_t serves both. This script checks that claim
+on the real code path: ``collect_rollout`` followed by ``Learner.train_on``. It reports:
+
+- Guided UNet evaluations, counted by ``policy.unet_evals`` (one count per batch row), per phase. Each
+  count sits next to the minimum the algorithm needs. A count above the minimum means some eps is computed
+  twice, and the per-pair advantage is partly lost.
+    TailorPO sampling  B*(T + n): one chain, plus one extra eval per branch for the loser's x0_hat. A branch at
+                       k=1 needs no extra eval, so it is not counted.
+    TailorPO training  2 per pair: one trainable forward and one reference forward at the shared x_t.
+    D3PO sampling      2*B*T: two whole trajectories per prompt.
+    D3PO training      4 per pair: the parents differ, so both forwards run on [x_t^w; x_t^l].
+- VAE decodes (if ``policy`` counts them). These are TailorPO's own overhead: 2 x0_hat decodes per branch
+  plus the final image. Each decode is about three UNet forwards at SD scale. D3PO needs only 2*B.
+- Wall time per iteration: the median of ``--iterations`` runs after one warm-up, split into sampling and
+  training. Because B and the fine-tuned steps are the same for both, the TailorPO/D3PO time ratio is also the
+  per-pair cost ratio. On the tiny model the decode and reward costs are not in SD's proportions. Use this
+  ratio to catch regressions, not to predict SD costs. ``--threads`` defaults to 1 because an oversubscribed
+  OpenMP pool on a shared CPU makes timings meaningless.
+- Peak memory growth over the state after loading. Each algorithm runs in its own spawned process. On CUDA
+  the figure is max_memory_allocated, measured after a reset. On CPU it is the peak RSS (VmHWM, reset through
+  /proc/self/clear_refs, or ru_maxrss as a fallback) minus the RSS after loading. TailorPO should not need
+  more activation memory than D3PO: D3PO backpropagates through twice as many rows per step.
+
+Usage: python benchmarks/iteration_cost.py [--config launch/tiny.yaml] [--iterations 3] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tailorpo.config import Config, ConfigError, load_config
+from tailorpo.learner import Learner
+from tailorpo.trainer import build_policy, build_reward, collect_rollout, resolve_device, seed_everything
+
+ALGORITHMS = ("tailorpo", "d3po")
+MiB = 2**20
+
+
+@dataclass
+class Counts:
+    """Counters for one iteration: guided UNet evals and VAE decodes (None if the policy has no counter)."""
+
+    pairs: int
+    sample_unet: int
+    train_unet: int
+    sample_vae: int | None
+    train_vae: int | None
+
+
+@dataclass
+class Measurement:
+    algorithm: str
+    counts: list[Counts]  # one per measured iteration (the warm-up is excluded)
+    sample_s: list[float]
+    train_s: list[float]
+    peak_growth_bytes: int
+    memory_kind: str
+
+
+def expected(cfg: Config, algorithm: str, pairs: int) -> Counts:
+    """The minimum counts from the spec (VAE: x0_hat decodes of both children plus the final image)."""
+    b, t, steps = cfg.sampling.batch_size, cfg.sampling.num_steps, cfg.algorithm.fine_tuned_steps
+    if algorithm == "tailorpo":
+        branches_with_next_eps = sum(k > 1 for k in steps)
+        return Counts(pairs, b * (t + branches_with_next_eps), 2 * pairs, b * (2 * len(steps) + (1 not in steps)), 0)
+    return Counts(pairs, 2 * b * t, 4 * pairs, 2 * b, 0)
+
+
+def _rss_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes(reset_worked: bool) -> int:
+    if reset_worked:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # since process start (includes loading)
+
+
+def measure(config: str, overrides: list[str], algorithm: str, iterations: int, threads: int) -> Measurement:
+    """One warm-up plus ``iterations`` timed iterations of ``algorithm``. Run this in a fresh process."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    cfg = load_config(config, [*overrides, f"algorithm.name={algorithm}"])
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    policy = build_policy(cfg, device)
+    reward = build_reward(cfg.reward.name)
+    learner = Learner(policy, cfg.optim, cfg.algorithm)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def counters() -> tuple[int, int | None]:
+        return policy.unet_evals, getattr(policy, "vae_decodes", None)
+
+    def delta(after: tuple[int, int | None], before: tuple[int, int | None]) -> tuple[int, int | None]:
+        return after[0] - before[0], None if after[1] is None else after[1] - before[1]
+
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base, reset_worked = _rss_bytes(), _reset_peak_rss()
+
+    counts, sample_s, train_s = [], [], []
+    for it in range(iterations + 1):
+        picks = torch.randint(len(cfg.prompts), (cfg.sampling.batch_size,), generator=generator).tolist()
+        c0, t0 = counters(), time.perf_counter()
+        rollout = collect_rollout(cfg, policy, reward, [cfg.prompts[j] for j in picks], generator)
+        sync()
+        c1, t1 = counters(), time.perf_counter()
+        stats = learner.train_on(rollout)
+        sync()
+        c2, t2 = counters(), time.perf_counter()
+        if it == 0:
+            continue  # warm-up: allocator, optimizer state, lazy kernels
+        (su, sv), (tu, tv) = delta(c1, c0), delta(c2, c1)
+        counts.append(Counts(int(stats["pairs"]), su, tu, sv, tv))
+        sample_s.append(t1 - t0)
+        train_s.append(t2 - t1)
+
+    if cuda:
+        growth, kind = torch.cuda.max_memory_allocated(device) - base, "CUDA max_memory_allocated"
+    else:
+        growth = _peak_rss_bytes(reset_worked) - base
+        kind = "CPU peak RSS (VmHWM)" if reset_worked else "CPU peak RSS (ru_maxrss, includes load)"
+    return Measurement(algorithm, counts, sample_s, train_s, growth, kind)
+
+
+FIELDS = [("UNet evals, sampling", "sample_unet"), ("UNet evals, training", "train_unet"),
+          ("VAE decodes, sampling", "sample_vae"), ("VAE decodes, training", "train_vae")]
+
+
+def _check(cfg: Config, m: Measurement, shown: Counts, field: str) -> str:
+    """The shown iteration's count and minimum; ok only if EVERY timed iteration hit its own minimum."""
+    measured = getattr(shown, field)
+    if measured is None:
+        return "n/a"
+    diffs = [getattr(c, field) - getattr(expected(cfg, m.algorithm, c.pairs), field) for c in m.counts]
+    verdict = "ok" if not any(diffs) else "ABOVE" if max(diffs) > 0 else "below"
+    return f"{measured} (min {getattr(expected(cfg, m.algorithm, shown.pairs), field)}, {verdict})"
+
+
+def report(cfg: Config, results: dict[str, Measurement]) -> None:
+    tp, d3 = results["tailorpo"], results["d3po"]
+    b, t, n = cfg.sampling.batch_size, cfg.sampling.num_steps, len(cfg.algorithm.fine_tuned_steps)
+    print(f"\nOne iteration: B={b} prompts, T={t} DDIM steps, {n} fine-tuned steps, "
+          f"model={cfg.model.pretrained} @ {cfg.model.resolution}px, {len(tp.counts)} timed iterations\n")
+
+    def ratio(a: float | None, c: float | None) -> str:
+        return f"{a / c:.2f}" if a is not None and c else "-"
+
+    # Show the iteration with the most pairs: ties (equal rewards) drop pairs before training.
+    shown = {name: max(m.counts, key=lambda c: c.pairs) for name, m in results.items()}
+    a, c = shown["tailorpo"], shown["d3po"]
+    rows = [("trained pairs", str(a.pairs), str(c.pairs), "")]
+    for label, field in FIELDS:
+        rows.append((label, _check(cfg, tp, a, field), _check(cfg, d3, c, field),
+                     ratio(getattr(a, field), getattr(c, field))))
+    evals = {k: (v.sample_unet + v.train_unet) / max(v.pairs, 1) for k, v in shown.items()}
+    rows.append(("UNet evals per pair", f"{evals['tailorpo']:.1f}", f"{evals['d3po']:.1f}",
+                 ratio(evals["tailorpo"], evals["d3po"])))
+    for label, get in [("sampling s (median)", lambda m: statistics.median(m.sample_s)),
+                       ("training s (median)", lambda m: statistics.median(m.train_s)),
+                       ("iteration s (median)", lambda m: statistics.median(map(sum, zip(m.sample_s, m.train_s)))),
+                       ("s per trained pair", lambda m: (sum(m.sample_s) + sum(m.train_s))
+                        / max(sum(c.pairs for c in m.counts), 1))]:
+        x, y = get(tp), get(d3)
+        rows.append((label, f"{x:.3f}", f"{y:.3f}", ratio(x, y)))
+    x, y = tp.peak_growth_bytes / MiB, d3.peak_growth_bytes / MiB
+    rows.append(("peak memory growth MiB", f"{x:.1f}", f"{y:.1f}", ratio(x, y)))
+
+    header = ("", "TailorPO", "D3PO", "TailorPO/D3PO")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for r in [header, *rows]:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))))
+    print(f"\nmemory: {tp.memory_kind}, growth over the state after model load, each algorithm in its own process")
+    for name, m in results.items():
+        pairs = [c.pairs for c in m.counts]
+        if len(set(pairs)) > 1:
+            print(f"note: {name} trained {pairs} pairs in the timed iterations (ties dropped); "
+                  "the table shows the iteration with the most")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="launch/tiny.yaml")
+    parser.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per run (0: torch's default). "
+                        "1 is the default because an oversubscribed OpenMP pool can be 50x slower on a busy machine")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.config, args.overrides)  # validate once before spawning
+    except ConfigError as err:
+        parser.error(str(err))
+    results: dict[str, Measurement] = {}
+    for algorithm in ALGORITHMS:
+        start = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+            job = pool.submit(measure, args.config, args.overrides, algorithm, args.iterations, args.threads)
+            results[algorithm] = job.result()
+        print(f"{algorithm}: measured in {time.perf_counter() - start:.1f}s (incl. process start and model load)")
+    report(cfg, results)
+    print(f"CPU threads per run: {args.threads or torch.get_num_threads()}")
+
+
+if __name__ == "__main__":
+    main()

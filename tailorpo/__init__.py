@@ -1,0 +1,3 @@
+"""TailorPO: online preference optimization for text-to-image diffusion models."""
+
+__version__ = "0.1.0"

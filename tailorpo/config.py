@@ -1,0 +1,218 @@
+"""One typed config tree, loaded from YAML with ``a.b=value`` overrides, validated before any model loads.
+
+Defaults follow the TailorPO paper's setup (SD v1.5, DDIM eta=1, 20 steps, fine-tuned steps 20,16,12,8,4,
+batch 2, 10,000 samples) and, where the paper defers to D3PO, D3PO's public ``config/base.py``
+(yk7333/d3po): AdamW lr 3e-5, betas (0.9, 0.999), weight decay 1e-4, eps 1e-8, DPO beta 0.1, ratio clip
+``train.eps`` 0.1, max grad norm 1.0, guidance scale 5.0 in sampling and training, LoRA rank 4. DDPO's own
+values come from ddpo-pytorch's ``config/base.py`` (clip range 1e-4, advantage clip 5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tailorpo.prompts import SIMPLE_ANIMALS
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names each offending field and how to fix it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    pretrained: str = Field(
+        "runwayml/stable-diffusion-v1-5",
+        description="Hub id, local diffusers folder, or 'tiny-sd' (built-in random-weight SD-shaped model).",
+    )
+    revision: str | None = None
+    resolution: int = Field(512, gt=0, multiple_of=8, description="Image side in pixels.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the frozen base weights; LoRA weights always train in float32."
+    )
+
+
+class SamplingConfig(Section):
+    num_steps: int = Field(20, ge=2, le=1000, description="DDIM inference steps T.")
+    eta: float = Field(1.0, gt=0, le=1, description="DDIM eta; > 0 so the policy has a density.")
+    guidance_scale: float = Field(5.0, ge=1, description="Classifier-free guidance, in sampling and training.")
+    batch_size: int = Field(2, ge=1, description="Prompts per iteration (the paper uses 2).")
+    logprob_reduction: Literal["mean", "sum"] = Field(
+        "mean",
+        description="'mean' over latent dims as D3PO's code (its beta and ratio clip assume it); 'sum' is Eq. 17.",
+    )
+
+
+class GuidanceConfig(Section):
+    eta_min: float = Field(0.1, ge=0, description="eta_t at the noisiest fine-tuned step.")
+    eta_max: float = Field(0.2, ge=0, description="eta_t at the fine-tuned step closest to the image.")
+    delta: float = Field(0.5, gt=0, description="r_high = r + delta (Eq. 13).")
+    through_unet: bool = Field(
+        True, description="Differentiate x0_hat through the UNet (exact); False holds eps fixed (cheaper)."
+    )
+
+
+class DDPOConfig(Section):
+    clip_range: float = Field(1e-4, gt=0, description="Importance-ratio clip c.")
+    adv_clip: float = Field(5.0, gt=0, description="Advantages clipped to [-adv_clip, adv_clip].")
+    samples_per_prompt: int = Field(2, ge=1, description="Images per prompt in a batch, for per-prompt stats.")
+
+
+class AlgorithmConfig(Section):
+    name: Literal["tailorpo", "tailorpo_g", "d3po", "ddpo"] = "tailorpo"
+    fine_tuned_steps: list[int] = Field(
+        [20, 16, 12, 8, 4],
+        description="Steps k (x_k -> x_{k-1}, k = T..1) that branch and train; D3PO and DDPO train on the same.",
+    )
+    beta: float = Field(0.1, gt=0, description="DPO temperature.")
+    ratio_clip: float | None = Field(
+        0.1, gt=0, lt=1, description="Clamp pi/pi_ref to [1-c, 1+c] as D3PO does; null disables."
+    )
+    guidance: GuidanceConfig = GuidanceConfig()
+    ddpo: DDPOConfig = DDPOConfig()
+
+
+class LoraSettings(Section):
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4.0, gt=0)
+    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-4, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Iterations whose gradients are summed before one optimizer step."
+    )
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast of the UNet (GPU).")
+
+
+class RewardConfig(Section):
+    name: str = Field("jpeg", description="In-process reward: 'jpeg' (compressibility) or 'colorfulness'.")
+
+
+class EvalConfig(Section):
+    prompts: list[str] = Field(["a cat", "a dog", "a horse", "a bird"], min_length=1)
+    images_per_prompt: int = Field(2, ge=1)
+    seed: int = 1234
+
+
+class TrainConfig(Section):
+    total_samples: int = Field(10_000, ge=1, description="Trajectories sampled in the whole run.")
+    save_every: int = Field(0, ge=0, description="Save the LoRA every N iterations (0: only at the end).")
+
+
+class Config(Section):
+    seed: int = 0
+    device: str = Field("auto", description="'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...")
+    output_dir: str = "outputs/run"
+    model: ModelConfig = ModelConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    lora: LoraSettings = LoraSettings()
+    optim: OptimConfig = OptimConfig()
+    reward: RewardConfig = RewardConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    prompts: list[str] = Field(SIMPLE_ANIMALS, min_length=1, description="Training prompts, drawn uniformly.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        from tailorpo.rewards import REWARDS
+
+        problems = []
+        bad_steps = [k for k in self.algorithm.fine_tuned_steps if not 1 <= k <= self.sampling.num_steps]
+        if bad_steps or not self.algorithm.fine_tuned_steps:
+            problems.append(
+                f"algorithm.fine_tuned_steps: {bad_steps or 'empty'} not in 1..sampling.num_steps="
+                f"{self.sampling.num_steps}; give steps k with 1 <= k <= num_steps"
+            )
+        if self.reward.name not in REWARDS:
+            problems.append(f"reward.name: {self.reward.name!r} is unknown; choose one of {sorted(REWARDS)}")
+        elif self.algorithm.name == "tailorpo_g" and not REWARDS[self.reward.name].differentiable:
+            problems.append(
+                f"algorithm.name: 'tailorpo_g' needs a differentiable reward, and reward.name="
+                f"{self.reward.name!r} is not; use algorithm.name=tailorpo or a differentiable reward"
+            )
+        if self.algorithm.guidance.eta_min > self.algorithm.guidance.eta_max:
+            problems.append("algorithm.guidance.eta_min: must not exceed eta_max")
+        if self.algorithm.name == "ddpo" and self.sampling.batch_size % self.algorithm.ddpo.samples_per_prompt:
+            problems.append(
+                "sampling.batch_size: must be a multiple of algorithm.ddpo.samples_per_prompt "
+                f"({self.sampling.batch_size} vs {self.algorithm.ddpo.samples_per_prompt})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def num_iterations(self) -> int:
+        return -(-self.train.total_samples // self.sampling.batch_size)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown field; remove it or check its spelling")
+        elif field == "(top level)":
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value``; the value is read as YAML, so numbers, booleans, null and lists work."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-4")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def build_config(tree: dict[str, Any], source: str = "") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(tree).__name__}")
+    for text in overrides:
+        set_dotted(tree, *parse_override(text))
+    return build_config(tree, f"{path}" if path else "(defaults)")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,98 @@
+"""DDIM step with eta, its Gaussian log-probability, and the predicted clean sample.
+
+Pure tensor functions. Symbols follow the TailorPO paper (Eq. 2) and Song et al. (DDIM, Eq. 12):
+
+    x0_hat(x_t)   = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)                       (a_t = alpha_bar_t)
+    sigma_t       = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)
+    mu_theta(x_t) = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - sigma_t^2) * eps
+    x_{t-1}       = mu_theta(x_t) + sigma_t * z,   z ~ N(0, I)
+
+The step agrees with ``diffusers.DDIMScheduler.step(eta=eta, variance_noise=z)`` for epsilon-prediction models
+with ``clip_sample=False`` and no thresholding (SD v1.5 and SDXL), which tests check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler
+
+LogProbReduction = Literal["sum", "mean"]
+
+
+@dataclass
+class DDIMStep:
+    prev_sample: torch.Tensor  # x_{t-1}, (B, C, H, W)
+    mean: torch.Tensor  # mu_theta(x_t)
+    std: float  # sigma_t
+    pred_original_sample: torch.Tensor  # x0_hat(x_t)
+    log_prob: torch.Tensor  # log pi(x_{t-1} | x_t, c), (B,)
+
+
+def step_alphas(scheduler: DDIMScheduler, timestep: int) -> tuple[float, float]:
+    """alpha_bar_t and alpha_bar_{t-1} for one inference step, exactly as ``DDIMScheduler.step`` picks them."""
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_prod_t = scheduler.alphas_cumprod[timestep]
+    alpha_prod_prev = (
+        scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else scheduler.final_alpha_cumprod
+    )
+    return float(alpha_prod_t), float(alpha_prod_prev)
+
+
+def predict_x0(sample: torch.Tensor, eps: torch.Tensor, alpha_prod_t: float) -> torch.Tensor:
+    """x0_hat(x_t) = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t): the posterior mean E[x_0 | x_t] (paper Eq. 2, 12)."""
+    return (sample - math.sqrt(1.0 - alpha_prod_t) * eps) / math.sqrt(alpha_prod_t)
+
+
+def ddim_sigma(alpha_prod_t: float, alpha_prod_prev: float, eta: float) -> float:
+    """sigma_t = eta * sqrt((1 - a_prev)/(1 - a_t)) * sqrt(1 - a_t/a_prev)."""
+    variance = (1.0 - alpha_prod_prev) / (1.0 - alpha_prod_t) * (1.0 - alpha_prod_t / alpha_prod_prev)
+    return eta * math.sqrt(max(variance, 0.0))
+
+
+def gaussian_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, std: float, reduction: LogProbReduction = "sum"
+) -> torch.Tensor:
+    """log N(x; mean, std^2 I) per sample, (B,).
+
+    ``sum`` is the exact density over all d latent dimensions (TailorPO Eq. 17). ``mean`` divides by d, the
+    scale D3PO's and ddpo-pytorch's code use and to which their beta and ratio clip were tuned.
+    """
+    log_density = -((x - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    dims = tuple(range(1, x.ndim))
+    return log_density.sum(dim=dims) if reduction == "sum" else log_density.mean(dim=dims)
+
+
+def ddim_step(
+    eps: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_prod_t: float,
+    alpha_prod_prev: float,
+    eta: float = 1.0,
+    noise: torch.Tensor | None = None,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduction: LogProbReduction = "sum",
+) -> DDIMStep:
+    """One DDIM step x_t -> x_{t-1} with log pi(x_{t-1} | x_t, c).
+
+    Give ``prev_sample`` to score a known x_{t-1} (training), else it is drawn with ``noise`` (or from
+    ``generator``). ``eps`` is the (guided) noise prediction at (x_t, t). Needs eta > 0 for a density.
+    """
+    if eta <= 0:
+        raise ValueError("eta must be > 0 for a stochastic policy with a log-probability (use eta=1.0)")
+    x0_hat = predict_x0(sample, eps, alpha_prod_t)
+    sigma = ddim_sigma(alpha_prod_t, alpha_prod_prev, eta)
+    direction = math.sqrt(max(1.0 - alpha_prod_prev - sigma**2, 0.0)) * eps  # "direction pointing to x_t"
+    mean = math.sqrt(alpha_prod_prev) * x0_hat + direction
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        prev_sample = mean + sigma * noise
+    log_prob = gaussian_log_prob(prev_sample, mean, sigma, reduction)
+    return DDIMStep(prev_sample, mean, sigma, x0_hat, log_prob)

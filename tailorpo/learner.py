@@ -1,0 +1,110 @@
+"""The LoRA learner: turns a rollout's pairs or transitions into log-probs and applies the objective.
+
+Per fine-tuned step the batch shares one timestep, so each group costs one batched UNet call:
+- TailorPO: x^w and x^l share x_t, so ONE trainable and ONE reference forward at x_t give all four
+  log-probs (the reference is the same UNet with its adapter disabled).
+- D3PO: different parents, so the forward runs on [x_t^w; x_t^l]: twice the rows.
+- DDPO: one trainable forward; the old log-prob was stored at sampling time, no reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tailorpo.config import AlgorithmConfig, OptimConfig
+from tailorpo.ddim import gaussian_log_prob
+from tailorpo.models import lora_parameters, reference_model
+from tailorpo.objectives import ddpo_loss, dpo_logits, preference_accuracy, step_dpo_loss
+from tailorpo.policy import DiffusionPolicy, PromptEmbeds
+from tailorpo.rollouts import PolicySteps, PreferencePairs, Rollout
+
+
+class Learner:
+    def __init__(self, policy: DiffusionPolicy, optim: OptimConfig, algorithm: AlgorithmConfig) -> None:
+        self.policy = policy
+        self.optim_cfg = optim
+        self.algorithm = algorithm
+        self.params = lora_parameters(policy.unet)
+        if not self.params:
+            raise ValueError("the UNet has no trainable LoRA parameters; call add_lora first")
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps
+        )
+        self.pending_iterations = 0
+        self.updates = 0
+
+    def log_probs(
+        self, x_t: torch.Tensor, step_index: int, targets: list[torch.Tensor], embeds: PromptEmbeds
+    ) -> list[torch.Tensor]:
+        """log pi(target | x_t, c) for each target, from ONE guided UNet call at x_t."""
+        eps = self.policy.eps(x_t, step_index, embeds)
+        step = self.policy.step(step_index, eps, x_t, prev_sample=targets[0])
+        reduction = self.policy.logprob_reduction
+        return [step.log_prob] + [gaussian_log_prob(t, step.mean, step.std, reduction) for t in targets[1:]]
+
+    def _pair_log_probs(self, pairs: PreferencePairs, embeds: PromptEmbeds) -> tuple[torch.Tensor, torch.Tensor]:
+        i = int(pairs.step_index[0])
+        if pairs.shared_parent:
+            return tuple(self.log_probs(pairs.x_t_w, i, [pairs.x_next_w, pairs.x_next_l], embeds))
+        x_t = torch.cat([pairs.x_t_w, pairs.x_t_l])
+        (log_prob,) = self.log_probs(x_t, i, [torch.cat([pairs.x_next_w, pairs.x_next_l])], embeds.repeat(2))
+        return tuple(log_prob.chunk(2))
+
+    def pair_logits(self, pairs: PreferencePairs, embeds: PromptEmbeds) -> torch.Tensor:
+        """DPO logits h for pairs of one fine-tuned step (Eq. 10 for TailorPO, Eq. 5 for D3PO)."""
+        log_prob_w, log_prob_l = self._pair_log_probs(pairs, embeds)
+        with torch.no_grad(), reference_model(self.policy.unet):
+            ref_w, ref_l = self._pair_log_probs(pairs, embeds)
+        return dpo_logits(log_prob_w, log_prob_l, ref_w, ref_l, self.algorithm.beta, self.algorithm.ratio_clip)
+
+    def _group_loss(self, data: PreferencePairs | PolicySteps, embeds: PromptEmbeds) -> tuple[torch.Tensor, dict]:
+        if isinstance(data, PreferencePairs):
+            logits = self.pair_logits(data, embeds)
+            return step_dpo_loss(logits), {"logits": logits.detach()}
+        eps = self.policy.eps(data.x_t, int(data.step_index[0]), embeds)
+        log_prob = self.policy.step(int(data.step_index[0]), eps, data.x_t, prev_sample=data.x_next).log_prob
+        loss = ddpo_loss(log_prob, data.old_log_prob, data.advantages, self.algorithm.ddpo.clip_range)
+        ratio = torch.exp(log_prob.detach() - data.old_log_prob)
+        return loss, {"clipped": (ratio - 1).abs() > self.algorithm.ddpo.clip_range}
+
+    def train_on(self, rollout: Rollout) -> dict[str, float]:
+        """Accumulate the rollout's gradients, one fine-tuned step at a time; step the optimizer every
+        ``gradient_accumulation_steps`` rollouts. Ties are dropped before any forward."""
+        data = rollout.data
+        if isinstance(data, PreferencePairs):
+            data = select_rows(data, data.valid)
+        embeds = self.policy.encode_prompts(rollout.prompts)
+        total_rows = len(data.step_index)
+        stats: dict[str, float] = {"pairs": float(total_rows)}
+        logits, clipped, loss_sum = [], [], 0.0
+        for step_index in data.step_index.unique().tolist():
+            group = select_rows(data, data.step_index == step_index)
+            loss, extra = self._group_loss(group, embeds.index(group.prompt_index))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step index {step_index}; stopping")
+            weight = len(group.step_index) / total_rows
+            (loss * weight / self.optim_cfg.gradient_accumulation_steps).backward()
+            loss_sum += loss.item() * weight
+            logits += [extra["logits"]] if "logits" in extra else []
+            clipped += [extra["clipped"]] if "clipped" in extra else []
+        stats["loss"] = loss_sum
+        if logits:
+            stats["preference_accuracy"] = preference_accuracy(torch.cat(logits))
+        if clipped:
+            stats["clip_fraction"] = float(torch.cat(clipped).float().mean())
+        self.pending_iterations += 1
+        if self.pending_iterations == self.optim_cfg.gradient_accumulation_steps:
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.max_grad_norm))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.pending_iterations = 0
+            self.updates += 1
+        return stats
+
+
+def select_rows(data: PreferencePairs | PolicySteps, rows: torch.Tensor):
+    """The same container with only ``rows`` kept (a shared parent stays shared)."""
+    fields = {name: value[rows] for name, value in vars(data).items()}
+    if isinstance(data, PreferencePairs) and data.shared_parent:
+        fields["x_t_l"] = fields["x_t_w"]
+    return type(data)(**fields)

@@ -1,0 +1,190 @@
+"""Loading Stable Diffusion pipelines, LoRA on the UNet via peft, and the tiny SD-shaped model factory.
+
+Every model goes through ``load_pipeline``: a hub id (``runwayml/stable-diffusion-v1-5``), a local diffusers
+folder, or the built-in name ``tiny-sd`` (which is first written to a cache folder by ``make_tiny_model`` and
+then loaded from that folder like any local model).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TINY_MODEL_NAME = "tiny-sd"
+TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples by 4, so latents are (4, 16, 16)
+
+
+def tiny_model_cache_dir() -> Path:
+    root = os.environ.get("TAILORPO_CACHE") or Path.home() / ".cache" / "tailorpo"
+    return Path(root) / TINY_MODEL_NAME
+
+
+def write_clip_tokenizer_files(directory: Path) -> None:
+    """Write CLIP's vocab.json and merges.txt from the BPE file that open_clip_torch ships.
+
+    CLIP's vocabulary is: the 256 byte symbols, the same with the end-of-word marker, one token per merge
+    (49152 - 256 - 2 of them), then the two special tokens (49408 in all), which is the order of the
+    hub's ``openai/clip-vit-*`` tokenizer files.
+    """
+    import open_clip
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    from open_clip.tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+    """Write a tiny Stable-Diffusion-shaped pipeline (random weights, real classes) in diffusers format."""
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=TINY_RESOLUTION,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    tokenizer_dir = directory / "tokenizer"
+    write_clip_tokenizer_files(tokenizer_dir)
+    tokenizer = CLIPTokenizer(
+        str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77
+    )
+    # SD v1.5's scheduler configuration (scaled_linear 0.00085..0.012, leading spacing, offset 1).
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def resolve_model_path(pretrained: str) -> str:
+    """``tiny-sd`` -> its cache folder (written once); anything else is a hub id or path, passed as is."""
+    if pretrained != TINY_MODEL_NAME:
+        return pretrained
+    path = tiny_model_cache_dir()
+    if not (path / "model_index.json").exists():
+        make_tiny_model(path)
+    return str(path)
+
+
+def load_pipeline(
+    pretrained: str, revision: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> StableDiffusionPipeline:
+    """Load an SD pipeline from a hub id or local folder, with a DDIM scheduler built from its own config."""
+    path = resolve_model_path(pretrained)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, revision=revision, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as err:
+        raise RuntimeError(
+            f"model.pretrained={pretrained!r}: could not load a Stable Diffusion pipeline ({err}). "
+            "Give a local diffusers folder, a hub id reachable from this machine, or 'tiny-sd'."
+        ) from err
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if pipe.scheduler.config.prediction_type != "epsilon":
+        raise ValueError(
+            f"model.pretrained={pretrained!r} predicts {pipe.scheduler.config.prediction_type!r}; "
+            "TailorPO's DDIM log-probabilities support epsilon-prediction models (SD v1.x, SDXL)"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.unet.requires_grad_(False)
+    return pipe.to(device)
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, target_modules: list[str]) -> None:
+    """Attach a trainable LoRA adapter (peft) to the UNet; the base weights stay frozen."""
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules)
+    )
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # LoRA weights train in fp32 even when the base is bf16
+
+
+def lora_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+@contextmanager
+def reference_model(unet: UNet2DConditionModel) -> Iterator[None]:
+    """pi_ref: the same UNet with its LoRA adapter disabled. No second copy of the weights is kept."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
+    """Save the UNet LoRA so that ``StableDiffusionPipeline.load_lora_weights(directory)`` loads it."""
+    # peft's own key names: diffusers' legacy conversion renames only attention layers, and a file that
+    # mixes both namings loads partially.
+    state = get_peft_model_state_dict(unet)
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True)
+    return Path(directory)

@@ -1,0 +1,186 @@
+"""The local one-process trainer: sample with the current policy, score, train the LoRA, log, save.
+
+The Ray runtime wraps the same pieces (policy, rollouts, learner); this loop is their single-process driver.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.utils import make_image_grid
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from tailorpo.config import Config, dump_config
+from tailorpo.guidance import cosine_eta_schedule
+from tailorpo.learner import Learner
+from tailorpo.models import add_lora, load_pipeline, reference_model, save_lora
+from tailorpo.policy import DiffusionPolicy
+from tailorpo.rewards import RewardModel, build_reward
+from tailorpo.rollouts import Rollout, d3po_rollout, ddpo_rollout, tailorpo_rollout, trajectory_rollout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} but no CUDA device is visible; use device=cpu or auto")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
+    """Load the base pipeline, attach a fresh LoRA, and wrap it as the sampling/training policy."""
+    pipe = load_pipeline(cfg.model.pretrained, cfg.model.revision, DTYPES[cfg.model.dtype], str(device))
+    add_lora(pipe.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+    autocast = torch.bfloat16 if cfg.optim.mixed_precision == "bf16" else None
+    return DiffusionPolicy(
+        pipe,
+        num_steps=cfg.sampling.num_steps,
+        eta=cfg.sampling.eta,
+        guidance_scale=cfg.sampling.guidance_scale,
+        resolution=cfg.model.resolution,
+        logprob_reduction=cfg.sampling.logprob_reduction,
+        autocast_dtype=autocast,
+    )
+
+
+def collect_rollout(
+    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator
+) -> Rollout:
+    algo = cfg.algorithm
+    if algo.name in ("tailorpo", "tailorpo_g"):
+        eta = None
+        if algo.name == "tailorpo_g":
+            eta = cosine_eta_schedule(algo.fine_tuned_steps, algo.guidance.eta_min, algo.guidance.eta_max)
+        return tailorpo_rollout(
+            policy, reward, prompts, generator, algo.fine_tuned_steps, eta, algo.guidance.delta,
+            algo.guidance.through_unet,
+        )
+    if algo.name == "d3po":
+        return d3po_rollout(policy, reward, prompts, generator, algo.fine_tuned_steps)
+    return ddpo_rollout(
+        policy, reward, prompts, generator, algo.fine_tuned_steps, algo.ddpo.samples_per_prompt, algo.ddpo.adv_clip
+    )
+
+
+def prompts_per_iteration(cfg: Config) -> int:
+    if cfg.algorithm.name == "ddpo":
+        return cfg.sampling.batch_size // cfg.algorithm.ddpo.samples_per_prompt
+    return cfg.sampling.batch_size
+
+
+@torch.no_grad()
+def evaluate(
+    policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], images_per_prompt: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain DDIM samples for each prompt from a fixed seed: (images, rewards). Same seed, same noise."""
+    batch = [p for p in prompts for _ in range(images_per_prompt)]
+    generator = torch.Generator().manual_seed(seed)
+    images = trajectory_rollout(policy, policy.encode_prompts(batch), generator, []).images
+    return images, reward.score(images, batch).scores
+
+
+def save_grid(rows: list[torch.Tensor], path: Path) -> None:
+    """One row per tensor of images (B, 3, H, W) in [0, 1]."""
+    pil = [
+        Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
+        for images in rows
+        for img in images
+    ]
+    make_image_grid(pil, rows=len(rows), cols=len(rows[0])).save(path)
+
+
+@dataclass
+class RunSummary:
+    algorithm: str
+    samples: int
+    updates: int
+    seconds: float
+    reward: str
+    eval_reward_base: float
+    eval_reward_trained: float
+    output_dir: str
+
+    def text(self) -> str:
+        gain = self.eval_reward_trained - self.eval_reward_base
+        return (
+            f"{self.algorithm}: {self.samples} samples, {self.updates} LoRA updates in {self.seconds:.1f}s\n"
+            f"eval {self.reward}: base {self.eval_reward_base:.4f} -> trained {self.eval_reward_trained:.4f} "
+            f"({gain:+.4f})\noutputs: {self.output_dir}"
+        )
+
+
+def train(cfg: Config, progress: bool = True) -> RunSummary:
+    """Run the configured algorithm to ``train.total_samples`` sampled images and write the outputs."""
+    start = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    reward = build_reward(cfg.reward.name)
+    policy = build_policy(cfg, device)
+    learner = Learner(policy, cfg.optim, cfg.algorithm)
+    writer = SummaryWriter(str(out / "tensorboard"))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    per_iteration = prompts_per_iteration(cfg)
+
+    samples, iteration = 0, 0
+    bar = tqdm(total=cfg.train.total_samples, unit="img", desc=cfg.algorithm.name, disable=not progress)
+    while samples < cfg.train.total_samples:
+        tick = time.perf_counter()
+        picks = torch.randint(len(cfg.prompts), (per_iteration,), generator=generator).tolist()
+        rollout = collect_rollout(cfg, policy, reward, [cfg.prompts[j] for j in picks], generator)
+        stats = learner.train_on(rollout)
+        samples += len(rollout.images)
+        iteration += 1
+        stats |= rollout.stats
+        stats |= {
+            "reward_mean": float(rollout.rewards.mean()),
+            "reward_std": float(rollout.rewards.std(unbiased=False)),
+            "step_time": time.perf_counter() - tick,
+        }
+        for key, value in stats.items():
+            writer.add_scalar(f"train/{key}", value, samples)
+        bar.update(len(rollout.images))
+        bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}")
+        if cfg.train.save_every and iteration % cfg.train.save_every == 0:
+            save_lora(policy.unet, out / "lora")
+    bar.close()
+
+    save_lora(policy.unet, out / "lora")
+    trained_images, trained_rewards = evaluate(
+        policy, reward, cfg.eval.prompts, cfg.eval.images_per_prompt, cfg.eval.seed
+    )
+    with reference_model(policy.unet):
+        base_images, base_rewards = evaluate(policy, reward, cfg.eval.prompts, cfg.eval.images_per_prompt, cfg.eval.seed)
+    save_grid([base_images, trained_images], out / "samples.png")
+    writer.add_scalar("eval/reward_mean", float(trained_rewards.mean()), samples)
+    writer.close()
+    summary = RunSummary(
+        algorithm=cfg.algorithm.name,
+        samples=samples,
+        updates=learner.updates,
+        seconds=time.perf_counter() - start,
+        reward=cfg.reward.name,
+        eval_reward_base=float(base_rewards.mean()),
+        eval_reward_trained=float(trained_rewards.mean()),
+        output_dir=str(out),
+    )
+    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    return summary

@@ -1,0 +1,73 @@
+import subprocess
+import sys
+
+import pytest
+
+from tailorpo.config import ConfigError, dump_config, load_config
+
+
+def test_launch_configs_are_valid():
+    cfg = load_config("launch/tiny.yaml")
+    assert cfg.model.pretrained == "tiny-sd" and cfg.algorithm.name == "tailorpo"
+    defaults = load_config(None)
+    # the paper's setup and D3PO's public defaults
+    assert defaults.model.pretrained == "runwayml/stable-diffusion-v1-5" and defaults.model.resolution == 512
+    assert defaults.algorithm.fine_tuned_steps == [20, 16, 12, 8, 4] and defaults.sampling.batch_size == 2
+    assert (defaults.optim.lr, defaults.algorithm.beta, defaults.algorithm.ratio_clip) == (3e-5, 0.1, 0.1)
+    assert defaults.num_iterations == 5000
+
+
+def test_overrides_are_typed():
+    cfg = load_config("launch/tiny.yaml", ["optim.lr=2e-4", "algorithm.fine_tuned_steps=[20, 10]",
+                                            "algorithm.ratio_clip=null", "reward.name=colorfulness"])
+    assert cfg.optim.lr == 2e-4 and cfg.algorithm.fine_tuned_steps == [20, 10]
+    assert cfg.algorithm.ratio_clip is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lr=-1"], "optim.lr: Input should be greater than 0"),
+        (["optim.learning_rate=1e-4"], "optim.learning_rate: unknown field"),
+        (["algorithm.name=ppo"], "algorithm.name: Input should be"),
+        (["sampling.num_steps=abc"], "sampling.num_steps: Input should be a valid integer"),
+        (["algorithm.fine_tuned_steps=[25]"], "algorithm.fine_tuned_steps: [25] not in 1..sampling.num_steps=20"),
+        (["algorithm.name=tailorpo_g"], "'tailorpo_g' needs a differentiable reward"),
+        (["reward.name=aesthetics"], "reward.name: 'aesthetics' is unknown"),
+        (["optim.lr"], "expected KEY=VALUE"),
+        (["optim.lr.x=1"], "'lr' is a value, not a section"),
+    ],
+)
+def test_bad_fields_are_named(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("launch/tiny.yaml", overrides)
+    assert message in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_dumped_config_loads_back_equal(tmp_path):
+    cfg = load_config("launch/tiny.yaml", ["optim.lr=5e-4"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_cli_rejects_a_bad_field_before_loading_any_model():
+    code = (
+        "import sys; from tailorpo.cli import main; "
+        "rc = main(['train', 'launch/tiny.yaml', '--set', 'optim.lrr=1']); "
+        "print('diffusers loaded:', 'diffusers' in sys.modules); sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "optim.lrr: unknown field" in proc.stderr and "Traceback" not in proc.stderr
+    assert "diffusers loaded: False" in proc.stdout
