@@ -61,14 +61,17 @@ class GuidanceConfig(Section):
 class DDPOConfig(Section):
     clip_range: float = Field(1e-4, gt=0, description="Importance-ratio clip c.")
     adv_clip: float = Field(5.0, gt=0, description="Advantages clipped to [-adv_clip, adv_clip].")
-    samples_per_prompt: int = Field(2, ge=1, description="Images per prompt in a batch, for per-prompt stats.")
+    samples_per_prompt: int = Field(2, ge=1, description="Images of each prompt in one batch.")
+    stat_buffer_size: int = Field(16, ge=1, description="Rewards kept per prompt for advantage statistics.")
+    stat_min_count: int = Field(16, ge=1, description="Below this many, the batch's statistics are used.")
 
 
 class AlgorithmConfig(Section):
     name: Literal["tailorpo", "tailorpo_g", "d3po", "ddpo"] = "tailorpo"
     fine_tuned_steps: list[int] = Field(
         [20, 16, 12, 8, 4],
-        description="Steps k (x_k -> x_{k-1}, k = T..1) that branch and train; D3PO and DDPO train on the same.",
+        description="Steps k (x_k -> x_{k-1}, k = T..1) that branch and train. D3PO and DDPO train on the same "
+        "steps for like-for-like comparisons (D3PO's own code trains all T: list them all to match it).",
     )
     beta: float = Field(0.1, gt=0, description="DPO temperature.")
     ratio_clip: float | None = Field(
@@ -91,7 +94,7 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_accumulation_steps: int = Field(
-        1, ge=1, description="Iterations whose gradients are summed before one optimizer step."
+        1, ge=1, description="Rollouts whose losses are averaged into one optimizer step."
     )
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast of the UNet (GPU).")
 
@@ -130,8 +133,11 @@ class Config(Section):
         from tailorpo.rewards import REWARDS
 
         problems = []
-        bad_steps = [k for k in self.algorithm.fine_tuned_steps if not 1 <= k <= self.sampling.num_steps]
-        if bad_steps or not self.algorithm.fine_tuned_steps:
+        steps = self.algorithm.fine_tuned_steps
+        bad_steps = [k for k in steps if not 1 <= k <= self.sampling.num_steps]
+        if len(set(steps)) != len(steps):
+            problems.append(f"algorithm.fine_tuned_steps: {steps} repeats a step; list each step once")
+        if bad_steps or not steps:
             problems.append(
                 f"algorithm.fine_tuned_steps: {bad_steps or 'empty'} not in 1..sampling.num_steps="
                 f"{self.sampling.num_steps}; give steps k with 1 <= k <= num_steps"
@@ -153,10 +159,6 @@ class Config(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    @property
-    def num_iterations(self) -> int:
-        return -(-self.train.total_samples // self.sampling.batch_size)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

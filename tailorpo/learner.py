@@ -16,7 +16,7 @@ from tailorpo.ddim import gaussian_log_prob
 from tailorpo.models import lora_parameters, reference_model
 from tailorpo.objectives import ddpo_loss, dpo_logits, preference_accuracy, step_dpo_loss
 from tailorpo.policy import DiffusionPolicy, PromptEmbeds
-from tailorpo.rollouts import PolicySteps, PreferencePairs, Rollout
+from tailorpo.rollouts import PolicySteps, PreferencePairs, Rollout, select_rows
 
 
 class Learner:
@@ -51,18 +51,22 @@ class Learner:
         return tuple(log_prob.chunk(2))
 
     def pair_logits(self, pairs: PreferencePairs, embeds: PromptEmbeds) -> torch.Tensor:
-        """DPO logits h for pairs of one fine-tuned step (Eq. 10 for TailorPO, Eq. 5 for D3PO)."""
-        log_prob_w, log_prob_l = self._pair_log_probs(pairs, embeds)
+        """DPO logits h for pairs of one fine-tuned step (Eq. 10 for TailorPO, Eq. 5 for D3PO).
+
+        The reference runs first: disabling the adapter toggles the LoRA weights' requires_grad, which must
+        not happen while a trainable graph through them is alive."""
         with torch.no_grad(), reference_model(self.policy.unet):
             ref_w, ref_l = self._pair_log_probs(pairs, embeds)
+        log_prob_w, log_prob_l = self._pair_log_probs(pairs, embeds)
         return dpo_logits(log_prob_w, log_prob_l, ref_w, ref_l, self.algorithm.beta, self.algorithm.ratio_clip)
 
     def _group_loss(self, data: PreferencePairs | PolicySteps, embeds: PromptEmbeds) -> tuple[torch.Tensor, dict]:
         if isinstance(data, PreferencePairs):
             logits = self.pair_logits(data, embeds)
             return step_dpo_loss(logits), {"logits": logits.detach()}
-        eps = self.policy.eps(data.x_t, int(data.step_index[0]), embeds)
-        log_prob = self.policy.step(int(data.step_index[0]), eps, data.x_t, prev_sample=data.x_next).log_prob
+        if data.advantages is None:
+            raise ValueError("PolicySteps.advantages is unset: assign them (PerPromptStatTracker) before training")
+        (log_prob,) = self.log_probs(data.x_t, int(data.step_index[0]), [data.x_next], embeds)
         loss = ddpo_loss(log_prob, data.old_log_prob, data.advantages, self.algorithm.ddpo.clip_range)
         ratio = torch.exp(log_prob.detach() - data.old_log_prob)
         return loss, {"clipped": (ratio - 1).abs() > self.algorithm.ddpo.clip_range}
@@ -94,17 +98,14 @@ class Learner:
             stats["clip_fraction"] = float(torch.cat(clipped).float().mean())
         self.pending_iterations += 1
         if self.pending_iterations == self.optim_cfg.gradient_accumulation_steps:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.max_grad_norm))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.pending_iterations = 0
-            self.updates += 1
+            stats["grad_norm"] = self.apply_gradients()
         return stats
 
-
-def select_rows(data: PreferencePairs | PolicySteps, rows: torch.Tensor):
-    """The same container with only ``rows`` kept (a shared parent stays shared)."""
-    fields = {name: value[rows] for name, value in vars(data).items()}
-    if isinstance(data, PreferencePairs) and data.shared_parent:
-        fields["x_t_l"] = fields["x_t_w"]
-    return type(data)(**fields)
+    def apply_gradients(self) -> float:
+        """Clip and apply the accumulated gradients (also called at the end of a run, so none is lost)."""
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_iterations = 0
+        self.updates += 1
+        return grad_norm

@@ -53,7 +53,14 @@ def write_clip_tokenizer_files(directory: Path) -> None:
 def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     """Write a tiny Stable-Diffusion-shaped pipeline (random weights, real classes) in diffusers format."""
     directory = Path(directory)
-    torch.manual_seed(seed)
+    with torch.random.fork_rng():  # the caller's RNG state (e.g. for LoRA init) stays untouched
+        torch.manual_seed(seed)
+        pipe = _tiny_pipeline(directory)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def _tiny_pipeline(directory: Path) -> StableDiffusionPipeline:
     unet = UNet2DConditionModel(
         sample_size=TINY_RESOLUTION // 4,
         in_channels=4,
@@ -106,7 +113,7 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
         steps_offset=1,
         timestep_spacing="leading",
     )
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -116,8 +123,6 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(directory, safe_serialization=True)
-    return directory
 
 
 def resolve_model_path(pretrained: str) -> str:
@@ -144,7 +149,8 @@ def load_pipeline(
             f"model.pretrained={pretrained!r}: could not load a Stable Diffusion pipeline ({err}). "
             "Give a local diffusers folder, a hub id reachable from this machine, or 'tiny-sd'."
         ) from err
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # DDIM without sample clipping or thresholding: the step whose log-probability ddim.py computes
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
     if pipe.scheduler.config.prediction_type != "epsilon":
         raise ValueError(
             f"model.pretrained={pretrained!r} predicts {pipe.scheduler.config.prediction_type!r}; "

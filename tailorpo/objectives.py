@@ -14,6 +14,7 @@ different x_t^w, x_t^l, ranked by their final images. D3PO's code clamps each ra
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 import torch.nn.functional as F
@@ -58,20 +59,37 @@ def preference_accuracy(logits: torch.Tensor, valid: torch.Tensor | None = None)
     return float((correct * valid).sum() / valid.sum().clamp(min=1))
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, clip: float, eps: float = 1e-6) -> torch.Tensor:
-    """DDPO's advantage: (r - mean) / std within each prompt's group, clipped to [-clip, clip].
+def normalized_advantages(
+    rewards: torch.Tensor, mean: torch.Tensor | float, std: torch.Tensor | float, clip: float, eps: float = 1e-6
+) -> torch.Tensor:
+    """DDPO's advantage A = (r - mean) / (std + eps), clipped to [-clip, clip]."""
+    return ((rewards - mean) / (std + eps)).clamp(-clip, clip)
 
-    A group of one (no spread to measure) falls back to the whole batch's statistics, as ddpo-pytorch's
-    per-prompt tracker does before it has seen enough samples of a prompt.
-    """
-    advantages = torch.empty_like(rewards)
-    batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
-    for gid in group_ids.unique():
-        rows = group_ids == gid
-        group = rewards[rows]
-        mean, std = (group.mean(), group.std(unbiased=False)) if group.numel() > 1 else (batch_mean, batch_std)
-        advantages[rows] = (group - mean) / (std + eps)
-    return advantages.clamp(-clip, clip)
+
+class PerPromptStatTracker:
+    """ddpo-pytorch's per-prompt reward statistics: the last ``buffer_size`` rewards of each prompt; until a
+    prompt has ``min_count`` of them, the current batch's mean and std stand in (defaults 16 and 16, from
+    ddpo-pytorch's ``config/base.py``). State lives across iterations, so the driver owns it."""
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16) -> None:
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.history: dict[str, deque[float]] = {}
+
+    def advantages(self, prompts: list[str], rewards: torch.Tensor, clip: float) -> torch.Tensor:
+        """(B,) advantages for one batch of final rewards, after adding them to the history."""
+        out = torch.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts):
+            rows = torch.tensor([p == prompt for p in prompts], device=rewards.device)
+            seen = self.history.setdefault(prompt, deque(maxlen=self.buffer_size))
+            seen.extend(rewards[rows].tolist())
+            if len(seen) < self.min_count:
+                mean, std = rewards.mean(), rewards.std(unbiased=False)
+            else:
+                history = torch.tensor(list(seen))
+                mean, std = history.mean(), history.std(unbiased=False)
+            out[rows] = normalized_advantages(rewards[rows], mean, std, clip)
+        return out
 
 
 def ddpo_loss(

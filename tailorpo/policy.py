@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import StableDiffusionPipeline
 
-from tailorpo.ddim import DDIMStep, LogProbReduction, ddim_step, predict_x0, step_alphas
+from tailorpo.ddim import DDIMStep, LogProbReduction, ddim_mean, ddim_sigma, ddim_step, predict_x0, step_alphas
 
 
 @dataclass
@@ -25,6 +25,22 @@ class PromptEmbeds:
 
     def repeat(self, times: int) -> "PromptEmbeds":
         return PromptEmbeds(self.cond.repeat(times, 1, 1), self.uncond.repeat(times, 1, 1))
+
+
+def check_schedule(alphas: list[tuple[float, float]], eta: float) -> None:
+    """The chain must be consistent (alpha_bar_{t-1} of step i is alpha_bar_t of step i+1, which x0_hat of a
+    child relies on) and every step must have sigma_t > 0 (else it has no log-probability)."""
+    for i, (alpha_t, alpha_prev) in enumerate(alphas):
+        if ddim_sigma(alpha_t, alpha_prev, eta) == 0.0:
+            raise ValueError(
+                f"DDIM step {i} has sigma_t = 0 (alpha_bar_prev = {alpha_prev}); a scheduler with "
+                "set_alpha_to_one=True gives the last step no density: set it to False (SD v1.5's setting)"
+            )
+        if i + 1 < len(alphas) and abs(alphas[i + 1][0] - alpha_prev) > 1e-7:
+            raise ValueError(
+                "the scheduler's timesteps are not evenly spaced by num_train_timesteps // num_steps; "
+                "use timestep_spacing='leading' or 'trailing'"
+            )
 
 
 class DiffusionPolicy:
@@ -52,6 +68,7 @@ class DiffusionPolicy:
         pipe.scheduler.set_timesteps(num_steps)
         self.timesteps = [int(t) for t in pipe.scheduler.timesteps]
         self.alphas = [step_alphas(pipe.scheduler, t) for t in self.timesteps]  # (alpha_bar_t, alpha_bar_prev)
+        check_schedule(self.alphas, eta)
         self.unet_evals = 0  # guided noise predictions, counted per image
         self.vae_decodes = 0  # decoded images
 
@@ -71,9 +88,12 @@ class DiffusionPolicy:
         )
         return PromptEmbeds(cond, uncond)
 
-    def initial_latents(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        shape = (batch, *self.latent_shape)
+    def noise(self, shape: tuple[int, ...] | torch.Size, generator: torch.Generator) -> torch.Tensor:
+        """N(0, I) drawn from ``generator`` on its own device (CPU generators stay reproducible on any GPU)."""
         return torch.randn(shape, generator=generator, device=generator.device).to(self.device)
+
+    def initial_latents(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return self.noise((batch, *self.latent_shape), generator)
 
     def eps(self, x: torch.Tensor, step_index: int, embeds: PromptEmbeds) -> torch.Tensor:
         """Classifier-free guided eps_theta(x_t, t, c) = eps_u + s (eps_c - eps_u), one batched UNet call."""
@@ -82,15 +102,21 @@ class DiffusionPolicy:
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         )
+        dtype = self.unet.dtype  # bf16/fp16 base weights take inputs of their dtype; LoRA stays fp32
         with autocast:
             out = self.unet(
-                torch.cat([x, x]),
+                torch.cat([x, x]).to(dtype),
                 t,
-                encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]),
+                encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]).to(dtype),
                 return_dict=False,
             )[0].float()
         eps_uncond, eps_cond = out.chunk(2)
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+
+    def mean(self, step_index: int, eps: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(mu_theta(x_t), sigma_t) of step ``step_index``."""
+        mean, sigma, _ = ddim_mean(eps, x, *self.alphas[step_index], self.eta)
+        return mean, sigma
 
     def step(
         self,

@@ -24,7 +24,9 @@ from tailorpo.learner import Learner
 from tailorpo.models import add_lora, load_pipeline, reference_model, save_lora
 from tailorpo.policy import DiffusionPolicy
 from tailorpo.rewards import RewardModel, build_reward
-from tailorpo.rollouts import Rollout, d3po_rollout, ddpo_rollout, tailorpo_rollout, trajectory_rollout
+from tailorpo.branching import tailorpo_rollout
+from tailorpo.objectives import PerPromptStatTracker
+from tailorpo.rollouts import Rollout, d3po_rollout, ddpo_rollout, trajectory_rollout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,9 +75,13 @@ def collect_rollout(
         )
     if algo.name == "d3po":
         return d3po_rollout(policy, reward, prompts, generator, algo.fine_tuned_steps)
-    return ddpo_rollout(
-        policy, reward, prompts, generator, algo.fine_tuned_steps, algo.ddpo.samples_per_prompt, algo.ddpo.adv_clip
-    )
+    return ddpo_rollout(policy, reward, prompts, generator, algo.fine_tuned_steps, algo.ddpo.samples_per_prompt)
+
+
+def assign_advantages(rollout: Rollout, tracker: PerPromptStatTracker, clip: float) -> None:
+    """DDPO: per-sample advantages from the driver's per-prompt statistics, copied to each recorded step."""
+    per_sample = tracker.advantages(rollout.prompts, rollout.rewards, clip)
+    rollout.data.advantages = per_sample[rollout.data.prompt_index]
 
 
 def prompts_per_iteration(cfg: Config) -> int:
@@ -139,6 +145,7 @@ def train(cfg: Config, progress: bool = True) -> RunSummary:
     writer = SummaryWriter(str(out / "tensorboard"))
     generator = torch.Generator().manual_seed(cfg.seed)
     per_iteration = prompts_per_iteration(cfg)
+    tracker = PerPromptStatTracker(cfg.algorithm.ddpo.stat_buffer_size, cfg.algorithm.ddpo.stat_min_count)
 
     samples, iteration = 0, 0
     bar = tqdm(total=cfg.train.total_samples, unit="img", desc=cfg.algorithm.name, disable=not progress)
@@ -146,6 +153,8 @@ def train(cfg: Config, progress: bool = True) -> RunSummary:
         tick = time.perf_counter()
         picks = torch.randint(len(cfg.prompts), (per_iteration,), generator=generator).tolist()
         rollout = collect_rollout(cfg, policy, reward, [cfg.prompts[j] for j in picks], generator)
+        if cfg.algorithm.name == "ddpo":
+            assign_advantages(rollout, tracker, cfg.algorithm.ddpo.adv_clip)
         stats = learner.train_on(rollout)
         samples += len(rollout.images)
         iteration += 1
@@ -162,7 +171,8 @@ def train(cfg: Config, progress: bool = True) -> RunSummary:
         if cfg.train.save_every and iteration % cfg.train.save_every == 0:
             save_lora(policy.unet, out / "lora")
     bar.close()
-
+    if learner.pending_iterations:
+        learner.apply_gradients()
     save_lora(policy.unet, out / "lora")
     trained_images, trained_rewards = evaluate(
         policy, reward, cfg.eval.prompts, cfg.eval.images_per_prompt, cfg.eval.seed

@@ -27,6 +27,7 @@ def tiny_pipe():
 def policy(tiny_pipe):
     """A fresh policy over the shared pipeline, with the LoRA reset to zero (= the base model)."""
     for name, param in tiny_pipe.unet.named_parameters():
+        param.grad = None
         if "lora_B" in name:
             param.data.zero_()
     return DiffusionPolicy(tiny_pipe, num_steps=20, eta=1.0, guidance_scale=5.0, resolution=64)

@@ -14,7 +14,6 @@ def test_launch_configs_are_valid():
     assert defaults.model.pretrained == "runwayml/stable-diffusion-v1-5" and defaults.model.resolution == 512
     assert defaults.algorithm.fine_tuned_steps == [20, 16, 12, 8, 4] and defaults.sampling.batch_size == 2
     assert (defaults.optim.lr, defaults.algorithm.beta, defaults.algorithm.ratio_clip) == (3e-5, 0.1, 0.1)
-    assert defaults.num_iterations == 5000
 
 
 def test_overrides_are_typed():
@@ -33,6 +32,7 @@ def test_overrides_are_typed():
         (["sampling.num_steps=abc"], "sampling.num_steps: Input should be a valid integer"),
         (["algorithm.fine_tuned_steps=[25]"], "algorithm.fine_tuned_steps: [25] not in 1..sampling.num_steps=20"),
         (["algorithm.name=tailorpo_g"], "'tailorpo_g' needs a differentiable reward"),
+        (["algorithm.fine_tuned_steps=[20, 20]"], "repeats a step"),
         (["reward.name=aesthetics"], "reward.name: 'aesthetics' is unknown"),
         (["optim.lr"], "expected KEY=VALUE"),
         (["optim.lr.x=1"], "'lr' is a value, not a section"),

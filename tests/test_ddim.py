@@ -40,7 +40,7 @@ def test_log_prob_is_the_closed_form_gaussian(scheduler):
     x = torch.randn(3, 4, 8, 8, generator=gen)
     eps = torch.randn(3, 4, 8, 8, generator=gen)
     alpha_t, alpha_prev = step_alphas(scheduler, scheduler.timesteps[5].item())
-    step = ddim_step(eps, x, alpha_t, alpha_prev, generator=gen, reduction="sum")
+    step = ddim_step(eps, x, alpha_t, alpha_prev, noise=torch.randn(x.shape, generator=gen), reduction="sum")
     sigma = math.sqrt((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev))
     assert step.std == pytest.approx(sigma)
     closed = torch.distributions.Normal(step.mean, sigma).log_prob(step.prev_sample).sum(dim=(1, 2, 3))

@@ -3,7 +3,8 @@ import torch
 
 from tailorpo.guidance import cosine_eta_schedule, guidance_gradient, guide
 from tailorpo.rewards import build_reward
-from tailorpo.rollouts import step_reward_fn, trajectory_rollout
+from tailorpo.branching import step_reward_fn
+from tailorpo.rollouts import trajectory_rollout
 
 
 def test_cosine_eta_schedule_is_larger_for_smaller_t():
@@ -47,3 +48,19 @@ def test_guidance_moves_the_step_reward_on_noisy_samples_table1(policy):
         total += len(prompts)
     assert total == 100
     assert raised >= 95 and lowered >= 95, (raised, lowered)
+
+
+def test_step_reward_gradient_matches_finite_differences(policy):
+    """d r_t / d x_{t-1} through the UNet at t-1, the VAE decoder and the reward, against central differences."""
+    reward = build_reward("colorfulness")
+    prompts = ["a red apple"]
+    embeds = policy.encode_prompts(prompts)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5
+    r_t = step_reward_fn(policy, reward, 10, embeds, prompts)
+    grad, _ = guidance_gradient(x, r_t, delta=0.5)  # = -2 delta grad r_t = -grad r_t
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    h = 1e-3  # small: the decoder's clamp to [0, 1] puts kinks within larger steps
+    with torch.no_grad():
+        numeric = (r_t(x + h * direction) - r_t(x - h * direction)) / (2 * h)
+    analytic = (-grad * direction).sum()
+    assert analytic.item() == pytest.approx(numeric.item(), rel=0.05)

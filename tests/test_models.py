@@ -62,3 +62,11 @@ def test_lora_round_trip_into_a_fresh_pipeline(tiny_pipe, tmp_path):
     loaded = _unet_out(fresh.unet)
     assert not torch.allclose(loaded, base, atol=1e-4)
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_making_the_tiny_model_leaves_the_global_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    make_tiny_model(tmp_path / "t")
+    torch.testing.assert_close(torch.rand(3), expected)

@@ -7,7 +7,8 @@ from tailorpo.ddim import gaussian_log_prob
 from tailorpo.objectives import (
     ddpo_loss,
     dpo_logits,
-    group_advantages,
+    PerPromptStatTracker,
+    normalized_advantages,
     preference_accuracy,
     step_dpo_loss,
 )
@@ -47,10 +48,8 @@ def test_tailorpo_gradient_points_toward_the_winner_eq11():
     sigma, beta = 0.3, 0.5
     x_w = mean_ref + sigma * torch.randn(1, 4, 4, 4, generator=gen)
     x_l = mean_ref + sigma * torch.randn(1, 4, 4, 4, generator=gen)
-    logits = dpo_logits(
-        gaussian_log_prob(x_w, mu, sigma), gaussian_log_prob(x_l, mu, sigma),
-        gaussian_log_prob(x_w, mean_ref, sigma), gaussian_log_prob(x_l, mean_ref, sigma), beta,
-    )
+    log_p = lambda x, mean: gaussian_log_prob(x, mean, sigma, "sum")  # noqa: E731
+    logits = dpo_logits(log_p(x_w, mu), log_p(x_l, mu), log_p(x_w, mean_ref), log_p(x_l, mean_ref), beta)
     (grad,) = torch.autograd.grad(step_dpo_loss(logits), mu)
     f = beta * (1 - torch.sigmoid(logits.detach()))
     torch.testing.assert_close(grad, -(f / sigma**2) * (x_w - x_l), atol=1e-4, rtol=1e-4)
@@ -70,12 +69,25 @@ def test_ddpo_loss_by_hand():
     torch.testing.assert_close(ddpo_loss(old, old, adv, 0.1), -adv.mean())
 
 
-def test_group_advantages_per_prompt_and_clip():
-    rewards = torch.tensor([1.0, 3.0, 10.0, 10.0, 7.0])
-    groups = torch.tensor([0, 0, 1, 1, 2])
-    adv = group_advantages(rewards, groups, clip=5.0)
-    torch.testing.assert_close(adv[:2], torch.tensor([-1.0, 1.0]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(adv[2:4], torch.zeros(2))  # no spread: zero advantage
-    batch = (7.0 - rewards.mean()) / rewards.std(unbiased=False)  # lone sample: batch statistics
-    torch.testing.assert_close(adv[4], batch, atol=1e-5, rtol=0)
-    assert group_advantages(torch.tensor([0.0, 100.0, 0.0]), torch.tensor([0, 1, 2]), clip=0.5).abs().max() == 0.5
+def test_per_prompt_stat_tracker_like_ddpo_pytorch():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    prompts = ["cat", "cat", "dog"]
+    first = torch.tensor([1.0, 3.0, 5.0])
+    # fewer than min_count rewards per prompt: the batch's statistics stand in
+    batch_mean, batch_std = first.mean(), first.std(unbiased=False)
+    torch.testing.assert_close(tracker.advantages(prompts, first, clip=5.0), (first - batch_mean) / batch_std,
+                               atol=1e-5, rtol=0)
+    second = torch.tensor([2.0, 6.0, 5.0])
+    adv = tracker.advantages(prompts, second, clip=5.0)
+    cat_history = torch.tensor([1.0, 3.0, 2.0, 6.0])  # 4 >= min_count: the prompt's own history
+    expected_cat = (second[:2] - cat_history.mean()) / cat_history.std(unbiased=False)
+    torch.testing.assert_close(adv[:2], expected_cat, atol=1e-5, rtol=0)
+    assert len(tracker.history["dog"]) == 2  # dog still uses the batch statistics
+    torch.testing.assert_close(adv[2], (5.0 - second.mean()) / second.std(unbiased=False), atol=1e-5, rtol=0)
+    tracker.advantages(["cat"] * 3, torch.tensor([0.0, 0.0, 0.0]), clip=5.0)
+    assert list(tracker.history["cat"]) == [6.0, 0.0, 0.0, 0.0]  # the buffer keeps the last 4
+
+
+def test_normalized_advantages_clip():
+    adv = normalized_advantages(torch.tensor([0.0, 100.0]), mean=0.0, std=1.0, clip=5.0)
+    torch.testing.assert_close(adv, torch.tensor([0.0, 5.0]))
