@@ -42,7 +42,7 @@ import torch
 
 from tailorpo.config import Config, ConfigError, load_config
 from tailorpo.learner import Learner
-from tailorpo.trainer import build_policy, build_reward, collect_rollout, resolve_device, seed_everything
+from tailorpo.trainer import build_policy, build_reward_model, collect_rollout, resolve_device, seed_everything
 
 ALGORITHMS = ("tailorpo", "d3po")
 MiB = 2**20
@@ -111,7 +111,7 @@ def measure(config: str, overrides: list[str], algorithm: str, iterations: int, 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     policy = build_policy(cfg, device)
-    reward = build_reward(cfg.reward.name)
+    reward = build_reward_model(cfg)
     learner = Learner(policy, cfg.optim, cfg.algorithm)
     generator = torch.Generator().manual_seed(cfg.seed)
     cuda = device.type == "cuda"

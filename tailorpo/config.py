@@ -99,8 +99,20 @@ class OptimConfig(Section):
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast of the UNet (GPU).")
 
 
+class RewardServerConfig(Section):
+    addresses: list[str] = Field(min_length=1, description="host:port of servers of one reward; load is spread.")
+    weight: float = Field(1.0, description="Weight of this reward in the sum of all configured servers.")
+
+
 class RewardConfig(Section):
-    name: str = Field("jpeg", description="In-process reward: 'jpeg' (compressibility) or 'colorfulness'.")
+    name: str = Field("jpeg", description="In-process reward ('jpeg' or 'colorfulness'), used without servers.")
+    servers: list[RewardServerConfig] = Field(
+        [], description="gRPC reward servers (`tailorpo serve-reward`); several are summed with their weights."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Deadline of one Score call.")
+    retries: int = Field(5, ge=0, description="Retries (with backoff, next address) on UNAVAILABLE / busy.")
+    token_env: str | None = Field(None, description="Environment variable holding the servers' bearer token.")
+    tls_ca: str | None = Field(None, description="CA certificate (PEM) to verify TLS servers; null: plaintext.")
 
 
 class EvalConfig(Section):
@@ -142,7 +154,9 @@ class Config(Section):
                 f"algorithm.fine_tuned_steps: {bad_steps or 'empty'} not in 1..sampling.num_steps="
                 f"{self.sampling.num_steps}; give steps k with 1 <= k <= num_steps"
             )
-        if self.reward.name not in REWARDS:
+        if self.reward.servers:
+            pass  # whether a server's reward is differentiable is known once it answers Info
+        elif self.reward.name not in REWARDS:
             problems.append(f"reward.name: {self.reward.name!r} is unknown; choose one of {sorted(REWARDS)}")
         elif self.algorithm.name == "tailorpo_g" and not REWARDS[self.reward.name].differentiable:
             problems.append(

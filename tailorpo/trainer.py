@@ -6,6 +6,7 @@ The Ray runtime wraps the same pieces (policy, rollouts, learner); this loop is 
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -18,14 +19,14 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from tailorpo.config import Config, dump_config
+from tailorpo.branching import tailorpo_rollout
+from tailorpo.config import Config, ConfigError, dump_config
 from tailorpo.guidance import cosine_eta_schedule
 from tailorpo.learner import Learner
 from tailorpo.models import add_lora, load_pipeline, reference_model, save_lora
+from tailorpo.objectives import PerPromptStatTracker
 from tailorpo.policy import DiffusionPolicy
 from tailorpo.rewards import RewardModel, build_reward
-from tailorpo.branching import tailorpo_rollout
-from tailorpo.objectives import PerPromptStatTracker
 from tailorpo.rollouts import Rollout, d3po_rollout, ddpo_rollout, trajectory_rollout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,6 +60,32 @@ def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
         logprob_reduction=cfg.sampling.logprob_reduction,
         autocast_dtype=autocast,
     )
+
+
+def build_reward_model(cfg: Config) -> RewardModel:
+    """The in-process reward, or a client of the configured servers (a weighted sum if several). Fails
+    fast, naming the address, when a server does not answer."""
+    reward_cfg = cfg.reward
+    if not reward_cfg.servers:
+        reward = build_reward(reward_cfg.name)
+    else:
+        from tailorpo.rewards.grpc_client import GrpcReward, WeightedSum
+
+        token = os.environ.get(reward_cfg.token_env) if reward_cfg.token_env else None
+        if reward_cfg.token_env and not token:
+            raise ConfigError(f"reward.token_env: environment variable {reward_cfg.token_env!r} is empty or unset")
+        clients = [
+            (GrpcReward(s.addresses, reward_cfg.timeout_s, reward_cfg.retries, token=token, tls_ca=reward_cfg.tls_ca),
+             s.weight)
+            for s in reward_cfg.servers
+        ]
+        reward = clients[0][0] if len(clients) == 1 and clients[0][1] == 1.0 else WeightedSum(clients)
+    if cfg.algorithm.name == "tailorpo_g" and not reward.differentiable:
+        raise ConfigError(
+            f"algorithm.name: 'tailorpo_g' needs a differentiable reward, and {reward.name!r} is not; "
+            "use algorithm.name=tailorpo or a differentiable reward server"
+        )
+    return reward
 
 
 def collect_rollout(
@@ -139,7 +166,7 @@ def train(cfg: Config, progress: bool = True) -> RunSummary:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
-    reward = build_reward(cfg.reward.name)
+    reward = build_reward_model(cfg)
     policy = build_policy(cfg, device)
     learner = Learner(policy, cfg.optim, cfg.algorithm)
     writer = SummaryWriter(str(out / "tensorboard"))
@@ -187,7 +214,7 @@ def train(cfg: Config, progress: bool = True) -> RunSummary:
         samples=samples,
         updates=learner.updates,
         seconds=time.perf_counter() - start,
-        reward=cfg.reward.name,
+        reward=reward.name,
         eval_reward_base=float(base_rewards.mean()),
         eval_reward_trained=float(trained_rewards.mean()),
         output_dir=str(out),

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from tailorpo.branching import step_reward_fn
 from tailorpo.guidance import cosine_eta_schedule, guidance_gradient, guide
 from tailorpo.rewards import build_reward
-from tailorpo.branching import step_reward_fn
 from tailorpo.rollouts import trajectory_rollout
 
 

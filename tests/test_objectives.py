@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 from tailorpo.ddim import gaussian_log_prob
 from tailorpo.objectives import (
+    PerPromptStatTracker,
     ddpo_loss,
     dpo_logits,
-    PerPromptStatTracker,
     normalized_advantages,
     preference_accuracy,
     step_dpo_loss,

@@ -1,0 +1,341 @@
+"""Reward servers as real processes on loopback, spoken to over gRPC."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tailorpo._proto import reward_pb2, reward_pb2_grpc
+from tailorpo.rewards import build_reward
+from tailorpo.rewards.grpc_client import GrpcReward, RewardServerError, WeightedSum
+from tailorpo.rewards.images import resize_and_center_crop
+from tailorpo.rewards.wire import tensor_to_proto
+
+
+@contextmanager
+def reward_server(name: str, *args: str, port: int = 0, env: dict | None = None):
+    """Start ``tailorpo serve-reward NAME --tiny`` and yield (address, process); SIGKILL it at the end."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tailorpo.cli", "serve-reward", name, "--tiny", "--port", str(port), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )
+    try:
+        line = proc.stdout.readline()
+        if "listening on" not in line:
+            raise RuntimeError(f"server did not start: {line!r} {proc.stderr.read()}")
+        yield line.rsplit(" ", 1)[-1].strip(), proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def stub(address: str) -> reward_pb2_grpc.RewardServiceStub:
+    return reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(address))
+
+
+def images(n: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def colorfulness_server():
+    with reward_server("colorfulness", "--max-wait-ms", "300", "--max-batch-size", "8") as (address, proc):
+        yield address
+
+
+@pytest.fixture(scope="module")
+def jpeg_server():
+    with reward_server("jpeg") as (address, proc):
+        yield address
+
+
+def test_info_and_loopback_bind(colorfulness_server):
+    assert colorfulness_server.startswith("127.0.0.1:")
+    info = stub(colorfulness_server).Info(reward_pb2.InfoRequest(), timeout=5)
+    assert info.name == "colorfulness" and info.differentiable
+    assert info.protocol_version == "tailorpo.reward.v1" and info.max_batch_size == 8
+
+
+def test_scores_equal_the_in_process_model(colorfulness_server, jpeg_server):
+    x = images(3)
+    for address, name in ((colorfulness_server, "colorfulness"), (jpeg_server, "jpeg")):
+        client = GrpcReward([address])
+        remote = client.score(x, ["a", "b", "c"]).scores
+        torch.testing.assert_close(remote, build_reward(name).score(x, ["a", "b", "c"]).scores)
+
+
+def test_gradient_through_the_wire_matches_finite_differences(colorfulness_server):
+    client = GrpcReward([colorfulness_server])
+    x = images(2, seed=1) * 0.8 + 0.1
+    out = client.score(x, ["a", "b"], want_grad=True)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    h = 1e-3
+    plus = client.score(x + h * direction, ["a", "b"]).scores
+    minus = client.score(x - h * direction, ["a", "b"]).scores
+    numeric = (plus - minus) / (2 * h)
+    torch.testing.assert_close((out.grad * direction).sum(dim=(1, 2, 3)), numeric, rtol=2e-2, atol=2e-2)
+
+
+def test_client_resizes_to_the_native_size_and_chains_the_gradient():
+    """A server that wants 8x8 gets 8x8; the gradient w.r.t. the 16x16 input goes through the resize."""
+    with reward_server("colorfulness") as (address, _):
+        client = GrpcReward([address])
+        client.image_size = 8  # as a server with native size 8 would announce in Info
+        x = images(1, size=16, seed=3)
+        out = client.score(x, ["a"], want_grad=True)
+        small = resize_and_center_crop(x, 8).clamp(0, 1)
+        local = build_reward("colorfulness").score(small, ["a"], want_grad=True)
+        torch.testing.assert_close(out.scores, local.scores)
+        full = x.clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(resize_and_center_crop(full, 8), full, local.grad)
+        torch.testing.assert_close(out.grad, expected)
+        assert out.grad.shape == x.shape
+
+
+def test_concurrent_clients_are_batched_together(colorfulness_server):
+    client = GrpcReward([colorfulness_server])
+    sizes: list[int] = []
+
+    def call(seed: int) -> None:
+        request = reward_pb2.ScoreRequest(images=tensor_to_proto(images(2, seed=seed)), prompts=["a", "b"])
+        sizes.append(client._stubs[0].Score(request, timeout=10).batch_size)
+
+    threads = [threading.Thread(target=call, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(sizes) >= 4, sizes  # at least two 2-image requests shared one model call (max batch 8)
+
+
+def _bad(message: reward_pb2.ScoreRequest, address: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        stub(address).Score(message, timeout=10)
+    return err.value
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, expected",
+    [
+        (dict(images=tensor_to_proto(torch.rand(2, 4, 8, 8)), prompts=["a", "b"]), "shape"),
+        (dict(images=tensor_to_proto(torch.rand(0, 3, 8, 8)), prompts=[]), "empty"),
+        (dict(images=tensor_to_proto(torch.rand(2, 3, 8, 8)), prompts=["a"]), "2 images but 1 prompts"),
+        (dict(images=tensor_to_proto(torch.full((1, 3, 8, 8), float("nan"))), prompts=["a"]), "NaN"),
+        (dict(images=tensor_to_proto(torch.full((1, 3, 8, 8), 2.0)), prompts=["a"]), "[0, 1]"),
+        (dict(images=reward_pb2.Tensor(data=b"\0" * 10, shape=[1, 3, 2, 2], dtype="float32"), prompts=["a"]),
+         "needs 48"),
+        (dict(images=reward_pb2.Tensor(data=b"", shape=[1, 3, 2, 2], dtype="int8"), prompts=["a"]), "dtype"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_problem(colorfulness_server, request_kwargs, expected):
+    err = _bad(reward_pb2.ScoreRequest(**request_kwargs), colorfulness_server)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in err.details(), err.details()
+
+
+def test_half_precision_on_the_wire(colorfulness_server):
+    x = images(2, seed=4)
+    for dtype in ("float16", "bfloat16"):
+        request = reward_pb2.ScoreRequest(images=tensor_to_proto(x, dtype), prompts=["a", "b"])
+        scores = torch.tensor(list(stub(colorfulness_server).Score(request, timeout=10).scores))
+        torch.testing.assert_close(scores, build_reward("colorfulness").score(x, ["a", "b"]).scores, rtol=2e-2,
+                                   atol=0.5)
+
+
+def test_gradient_of_a_non_differentiable_reward_is_failed_precondition(jpeg_server):
+    err = _bad(reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"], want_grad=True),
+               jpeg_server)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "not differentiable" in err.details()
+
+
+def test_health_service(jpeg_server):
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(jpeg_server))
+    for service in ("", "tailorpo.reward.v1.RewardService"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_token_auth():
+    with reward_server("jpeg", "--token-env", "RW_TOKEN", env={"RW_TOKEN": "s3cret"}) as (address, _):
+        err = _bad(reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"]), address)
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(RewardServerError, match="UNAUTHENTICATED"):
+            GrpcReward([address], token="wrong")
+        assert GrpcReward([address], token="s3cret").score(images(1), ["a"]).scores.shape == (1,)
+
+
+def test_deadline_and_backpressure():
+    with reward_server("jpeg", "--max-wait-ms", "1500", "--max-queue", "2", "--max-batch-size", "64") as (address, _):
+        service = stub(address)
+        request = reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"])
+        with pytest.raises(grpc.RpcError) as err:
+            service.Score(request, timeout=0.3)  # waits 1.5 s to batch: misses its deadline
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        codes: list[grpc.StatusCode] = []
+
+        def call() -> None:
+            try:
+                service.Score(request, timeout=10)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+
+        threads = [threading.Thread(target=call) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 2, codes  # at most 2 admitted at once
+        assert grpc.StatusCode.OK in codes
+
+
+def test_graceful_shutdown_finishes_in_flight_work():
+    with reward_server("jpeg", "--max-wait-ms", "1000") as (address, proc):
+        result: dict = {}
+
+        def call() -> None:
+            request = reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"])
+            result["scores"] = list(stub(address).Score(request, timeout=10).scores)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(0.3)  # the request is now waiting in the batcher
+        proc.send_signal(signal.SIGTERM)
+        thread.join()
+        assert len(result["scores"]) == 1
+        assert proc.wait(timeout=20) == 0
+
+
+def test_client_retries_a_killed_server_against_its_restart():
+    with reward_server("jpeg", "--max-wait-ms", "2000") as (address, proc):
+        port = address.rsplit(":", 1)[1]
+        client = GrpcReward([address], retries=8, backoff_s=0.25)
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(out=client.score(images(1), ["a"])))
+        thread.start()
+        time.sleep(0.5)
+        proc.kill()  # mid-request: the call is waiting in the batcher
+        proc.wait()
+        with reward_server("jpeg", port=int(port)) as (_, restarted):
+            thread.join(timeout=30)
+            assert result["out"].scores.shape == (1,)
+
+
+def test_unreachable_server_fails_fast_naming_the_address():
+    start = time.monotonic()
+    with pytest.raises(RewardServerError, match="127.0.0.1:9"):
+        GrpcReward(["127.0.0.1:9"], connect_timeout_s=1.0)
+    assert time.monotonic() - start < 10
+
+
+def test_weighted_sum_of_rewards(colorfulness_server, jpeg_server):
+    x = images(2, seed=5)
+    total = WeightedSum([(GrpcReward([colorfulness_server]), 0.5), (GrpcReward([jpeg_server]), 2.0)])
+    expected = 0.5 * build_reward("colorfulness").score(x, ["a", "b"]).scores + 2.0 * build_reward(
+        "jpeg").score(x, ["a", "b"]).scores
+    torch.testing.assert_close(total.score(x, ["a", "b"]).scores, expected)
+    assert not total.differentiable
+
+
+def _self_signed(tmp_path, name: str) -> tuple[str, str]:
+    """A self-signed certificate for localhost / 127.0.0.1 (cert path, key path)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_tls(tmp_path):
+    cert, key = _self_signed(tmp_path, "server")
+    other_ca, _ = _self_signed(tmp_path, "other")
+    with reward_server("jpeg", "--tls-cert", cert, "--tls-key", key) as (address, _):
+        assert GrpcReward([address], tls_ca=cert).score(images(1), ["a"]).scores.shape == (1,)
+        with pytest.raises(RewardServerError, match="unreachable"):
+            GrpcReward([address], tls_ca=other_ca, connect_timeout_s=2.0)  # certificate not trusted
+        with pytest.raises(RewardServerError):
+            GrpcReward([address], connect_timeout_s=2.0)  # plaintext client
+
+
+def test_guided_rollout_is_the_same_with_the_remote_reward(colorfulness_server, policy):
+    """TailorPO-G through the wire: the server's d score / d image chains into the decoder and the UNet
+    exactly as the in-process reward's autograd does."""
+    from tailorpo.branching import tailorpo_rollout
+    from tailorpo.guidance import cosine_eta_schedule
+
+    prompts, steps = ["a cat", "a dog"], [20, 10]
+    eta = cosine_eta_schedule(steps)
+    runs = [
+        tailorpo_rollout(policy, reward, prompts, torch.Generator().manual_seed(0), steps, guidance_eta=eta)
+        for reward in (build_reward("colorfulness"), GrpcReward([colorfulness_server]))
+    ]
+    torch.testing.assert_close(runs[1].data.x_next_w, runs[0].data.x_next_w, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(runs[1].rewards, runs[0].rewards, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_train_against_a_reward_server_and_fail_fast_on_a_dead_one(colorfulness_server, tmp_path):
+    from tailorpo.config import load_config
+    from tailorpo.trainer import train
+
+    servers = f"reward.servers=[{{addresses: ['{colorfulness_server}']}}]"
+    cfg = load_config("launch/tiny.yaml", [f"output_dir={tmp_path}", "train.total_samples=4",
+                                           "algorithm.name=tailorpo_g", servers])
+    summary = train(cfg, progress=False)
+    assert summary.reward == "colorfulness" and summary.samples == 4 and summary.updates == 2
+    proc = subprocess.run(
+        [sys.executable, "-m", "tailorpo.cli", "train", "launch/tiny.yaml", "--set",
+         "reward.servers=[{addresses: ['127.0.0.1:9']}]", "--set", f"output_dir={tmp_path / 'dead'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["aesthetic", "imagereward", "pickscore", "hpsv2"])
+def test_learned_reward_servers_match_the_in_process_model(name):
+    """Each learned reward behind the real server (tiny weights): Info, scores equal to calling the same
+    model in process, and a gradient w.r.t. the full-size image through the client's resize."""
+    from reward_servers import load_reward_model
+
+    local = load_reward_model(name, tiny=True)
+    with reward_server(name) as (address, _):
+        client = GrpcReward([address])
+        assert (client.name, client.model_id, client.differentiable, client.image_size) == (
+            name, local.model_id, True, 224)
+        assert "tiny" in client.model_id
+        x = images(2, size=64, seed=7)
+        prompts = ["a photo of a cat", "a red car"]
+        remote = client.score(x, prompts, want_grad=True)
+        native = resize_and_center_crop(x, 224).clamp(0, 1)
+        torch.testing.assert_close(remote.scores, local.score(native, prompts).scores, atol=1e-4, rtol=1e-4)
+        assert remote.grad.shape == x.shape and remote.grad.abs().sum() > 0
