@@ -336,6 +336,22 @@ def test_learned_reward_servers_match_the_in_process_model(name):
         x = images(2, size=64, seed=7)
         prompts = ["a photo of a cat", "a red car"]
         remote = client.score(x, prompts, want_grad=True)
-        native = resize_and_center_crop(x, 224).clamp(0, 1)
-        torch.testing.assert_close(remote.scores, local.score(native, prompts).scores, atol=1e-4, rtol=1e-4)
+        full = x.clone().requires_grad_(True)
+        native = resize_and_center_crop(full, 224)
+        expected = local.score(native.detach().clamp(0, 1), prompts, want_grad=True)
+        torch.testing.assert_close(remote.scores, expected.scores, atol=1e-4, rtol=1e-4)
+        (expected_grad,) = torch.autograd.grad(native, full, expected.grad)
         assert remote.grad.shape == x.shape and remote.grad.abs().sum() > 0
+        torch.testing.assert_close(remote.grad, expected_grad, atol=1e-5, rtol=1e-3)
+
+
+def test_a_client_of_two_servers_survives_one_dead_server():
+    with reward_server("jpeg") as (first, first_proc), reward_server("jpeg") as (second, _):
+        client = GrpcReward([first, second], retries=3, backoff_s=0.05)
+        x = images(1)
+        for _ in range(4):
+            client.score(x, ["a"])
+        first_proc.kill()
+        first_proc.wait()
+        for _ in range(4):  # every other call lands on the dead address first and is retried on the live one
+            assert client.score(x, ["a"]).scores.shape == (1,)
