@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from tailorpo.rewards.grpc_client import RewardServerError
     from tailorpo.trainer import train  # heavy imports only once the config is known to be good
 
+    if cfg.runtime.samplers:
+        from tailorpo.runtime.driver import train_on_ray as train
     try:
         print(train(cfg, progress=not args.no_progress).text())
     except (ConfigError, RewardServerError) as err:

@@ -126,6 +126,24 @@ class TrainConfig(Section):
     save_every: int = Field(0, ge=0, description="Save the LoRA every N iterations (0: only at the end).")
 
 
+class ActorResources(Section):
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    resources: dict[str, float] = Field({}, description="Custom Ray resources, e.g. {sampler_node: 1}.")
+
+
+class RuntimeConfig(Section):
+    samplers: int = Field(
+        0, ge=0, description="Ray sampler actors, one per GPU; 0 runs everything in this process (no Ray)."
+    )
+    address: str | None = Field(
+        None, description="Ray cluster address; null: the job's cluster under `ray job submit`, else a local Ray."
+    )
+    sampler: ActorResources = ActorResources()
+    learner: ActorResources = ActorResources()
+    max_restarts: int = Field(3, ge=0, description="Restarts of a sampler actor that dies.")
+
+
 class Config(Section):
     seed: int = 0
     device: str = Field("auto", description="'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...")
@@ -138,6 +156,7 @@ class Config(Section):
     reward: RewardConfig = RewardConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     prompts: list[str] = Field(SIMPLE_ANIMALS, min_length=1, description="Training prompts, drawn uniformly.")
 
     @model_validator(mode="after")

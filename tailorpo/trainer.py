@@ -158,62 +158,67 @@ class RunSummary:
         )
 
 
-def train(cfg: Config, progress: bool = True) -> RunSummary:
-    """Run the configured algorithm to ``train.total_samples`` sampled images and write the outputs."""
-    start = time.perf_counter()
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    reward = build_reward_model(cfg)
-    policy = build_policy(cfg, device)
-    learner = Learner(policy, cfg.optim, cfg.algorithm)
-    writer = SummaryWriter(str(out / "tensorboard"))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    per_iteration = prompts_per_iteration(cfg)
-    tracker = PerPromptStatTracker(cfg.algorithm.ddpo.stat_buffer_size, cfg.algorithm.ddpo.stat_min_count)
+def rollout_generator(seed: int, iteration: int, slot: int) -> torch.Generator:
+    """The noise of one rollout depends only on (seed, iteration, sampler slot), never on which process or
+    node draws it: a run whose samplers live elsewhere reproduces the one-process run."""
+    state = np.random.SeedSequence([seed, iteration, slot]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
-    samples, iteration = 0, 0
-    bar = tqdm(total=cfg.train.total_samples, unit="img", desc=cfg.algorithm.name, disable=not progress)
-    while samples < cfg.train.total_samples:
-        tick = time.perf_counter()
-        picks = torch.randint(len(cfg.prompts), (per_iteration,), generator=generator).tolist()
-        rollout = collect_rollout(cfg, policy, reward, [cfg.prompts[j] for j in picks], generator)
-        if cfg.algorithm.name == "ddpo":
-            assign_advantages(rollout, tracker, cfg.algorithm.ddpo.adv_clip)
-        stats = learner.train_on(rollout)
-        samples += len(rollout.images)
-        iteration += 1
-        stats |= rollout.stats
-        stats |= {
-            "reward_mean": float(rollout.rewards.mean()),
-            "reward_std": float(rollout.rewards.std(unbiased=False)),
-            "step_time": time.perf_counter() - tick,
-        }
+
+def pick_prompts(cfg: Config, generator: torch.Generator) -> list[str]:
+    picks = torch.randint(len(cfg.prompts), (prompts_per_iteration(cfg),), generator=generator).tolist()
+    return [cfg.prompts[j] for j in picks]
+
+
+def learn_from(cfg: Config, learner: Learner, tracker: PerPromptStatTracker, rollout: Rollout) -> dict[str, float]:
+    """One rollout into the learner (DDPO advantages first); returns the scalars to log."""
+    if cfg.algorithm.name == "ddpo":
+        assign_advantages(rollout, tracker, cfg.algorithm.ddpo.adv_clip)
+    stats = learner.train_on(rollout) | rollout.stats
+    stats["reward_mean"] = float(rollout.rewards.mean())
+    stats["reward_std"] = float(rollout.rewards.std(unbiased=False))
+    return stats
+
+
+class RunLog:
+    """TensorBoard scalars against the sample count, and the progress bar."""
+
+    def __init__(self, cfg: Config, out: Path, progress: bool) -> None:
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+        self.bar = tqdm(total=cfg.train.total_samples, unit="img", desc=cfg.algorithm.name, disable=not progress)
+        self.samples = 0
+
+    def record(self, images: int, stats: dict[str, float]) -> None:
+        self.samples += images
         for key, value in stats.items():
-            writer.add_scalar(f"train/{key}", value, samples)
-        bar.update(len(rollout.images))
-        bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}")
-        if cfg.train.save_every and iteration % cfg.train.save_every == 0:
-            save_lora(policy.unet, out / "lora")
-    bar.close()
+            self.writer.add_scalar(f"train/{key}", value, self.samples)
+        self.bar.update(images)
+        self.bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+def finish_run(
+    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, learner: Learner, samples: int, seconds: float
+) -> RunSummary:
+    """Apply pending gradients, save the LoRA, evaluate base vs trained on fixed seeds, write the grid and
+    the summary."""
+    out = Path(cfg.output_dir)
     if learner.pending_iterations:
         learner.apply_gradients()
     save_lora(policy.unet, out / "lora")
-    trained_images, trained_rewards = evaluate(
-        policy, reward, cfg.eval.prompts, cfg.eval.images_per_prompt, cfg.eval.seed
-    )
+    args = (cfg.eval.prompts, cfg.eval.images_per_prompt, cfg.eval.seed)
+    trained_images, trained_rewards = evaluate(policy, reward, *args)
     with reference_model(policy.unet):
-        base_images, base_rewards = evaluate(policy, reward, cfg.eval.prompts, cfg.eval.images_per_prompt, cfg.eval.seed)
+        base_images, base_rewards = evaluate(policy, reward, *args)
     save_grid([base_images, trained_images], out / "samples.png")
-    writer.add_scalar("eval/reward_mean", float(trained_rewards.mean()), samples)
-    writer.close()
     summary = RunSummary(
         algorithm=cfg.algorithm.name,
         samples=samples,
         updates=learner.updates,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         reward=reward.name,
         eval_reward_base=float(base_rewards.mean()),
         eval_reward_trained=float(trained_rewards.mean()),
@@ -221,3 +226,36 @@ def train(cfg: Config, progress: bool = True) -> RunSummary:
     )
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary
+
+
+def prepare_output(cfg: Config) -> Path:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    return out
+
+
+def train(cfg: Config, progress: bool = True) -> RunSummary:
+    """Run the configured algorithm to ``train.total_samples`` sampled images in this process and write the
+    outputs. (``runtime.samplers > 0`` runs the same loop on Ray: ``tailorpo.runtime.driver``.)"""
+    start = time.perf_counter()
+    seed_everything(cfg.seed)
+    out = prepare_output(cfg)
+    reward = build_reward_model(cfg)
+    policy = build_policy(cfg, resolve_device(cfg.device))
+    learner = Learner(policy, cfg.optim, cfg.algorithm)
+    tracker = PerPromptStatTracker(cfg.algorithm.ddpo.stat_buffer_size, cfg.algorithm.ddpo.stat_min_count)
+    prompt_generator = torch.Generator().manual_seed(cfg.seed)
+    log = RunLog(cfg, out, progress)
+    iteration = 0
+    while log.samples < cfg.train.total_samples:
+        tick = time.perf_counter()
+        prompts = pick_prompts(cfg, prompt_generator)
+        rollout = collect_rollout(cfg, policy, reward, prompts, rollout_generator(cfg.seed, iteration, 0))
+        stats = learn_from(cfg, learner, tracker, rollout)
+        log.record(len(rollout.images), stats | {"step_time": time.perf_counter() - tick})
+        iteration += 1
+        if cfg.train.save_every and iteration % cfg.train.save_every == 0:
+            save_lora(policy.unet, out / "lora")
+    log.close()
+    return finish_run(cfg, policy, reward, learner, log.samples, time.perf_counter() - start)

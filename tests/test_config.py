@@ -9,6 +9,10 @@ from tailorpo.config import ConfigError, dump_config, load_config
 def test_launch_configs_are_valid():
     cfg = load_config("launch/tiny.yaml")
     assert cfg.model.pretrained == "tiny-sd" and cfg.algorithm.name == "tailorpo"
+    paper = load_config("launch/tailorpo.yaml")
+    assert (paper.model.pretrained, paper.model.resolution, paper.train.total_samples) == (
+        "runwayml/stable-diffusion-v1-5", 512, 10_000)
+    assert paper.sampling.batch_size == 2 and paper.runtime.samplers >= 1 and paper.reward.servers
     defaults = load_config(None)
     # the paper's setup and D3PO's public defaults
     assert defaults.model.pretrained == "runwayml/stable-diffusion-v1-5" and defaults.model.resolution == 512

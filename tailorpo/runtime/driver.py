@@ -1,0 +1,74 @@
+"""The single controller of a Ray run: it owns the loop and moves data between the roles.
+
+Per iteration: every sampler actor draws one rollout (its own prompts, the current LoRA version, the noise
+stream of (seed, iteration, slot)); the learner trains on them in slot order and publishes the new LoRA
+weights to the object store, from where the samplers fetch them. Rollouts and weights travel sampler ->
+learner -> sampler through the object store; the driver only passes references and logs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from tailorpo.config import ActorResources, Config, ConfigError
+from tailorpo.runtime.workers import LearnerWorker, SamplerWorker
+from tailorpo.trainer import RunLog, RunSummary, pick_prompts, prepare_output
+
+
+def actor_options(resources: ActorResources) -> dict:
+    return {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": resources.resources}
+
+
+def check_cluster_fits(cfg: Config) -> None:
+    """Fail fast, naming the fields, when the cluster cannot place every actor (Ray would wait forever)."""
+    available = ray.cluster_resources()
+    n, sampler, learner = cfg.runtime.samplers, cfg.runtime.sampler, cfg.runtime.learner
+    needs = {"CPU": n * sampler.num_cpus + learner.num_cpus, "GPU": n * sampler.num_gpus + learner.num_gpus}
+    for name in {*sampler.resources, *learner.resources}:
+        needs[name] = n * sampler.resources.get(name, 0) + learner.resources.get(name, 0)
+    short = {k: (v, available.get(k, 0)) for k, v in needs.items() if v > available.get(k, 0) + 1e-9}
+    if short:
+        detail = ", ".join(f"{k}: needs {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
+        raise ConfigError(
+            f"runtime: {n} samplers + 1 learner do not fit the cluster ({detail}); lower runtime.samplers or "
+            "runtime.sampler / runtime.learner resources, or add nodes"
+        )
+
+
+def train_on_ray(cfg: Config, progress: bool = True) -> RunSummary:
+    """``tailorpo train`` with ``runtime.samplers > 0``: joins the cluster at ``runtime.address`` (or the
+    job's cluster under ``ray job submit``) or starts a local Ray."""
+    start = time.perf_counter()
+    out = prepare_output(cfg)
+    if not ray.is_initialized():
+        ray.init(address=cfg.runtime.address, include_dashboard=False, log_to_driver=False)
+    check_cluster_fits(cfg)
+    payload = cfg.model_dump(mode="json")
+    learner = ray.remote(LearnerWorker).options(**actor_options(cfg.runtime.learner)).remote(payload)
+    samplers = [
+        ray.remote(SamplerWorker)
+        .options(**actor_options(cfg.runtime.sampler), max_restarts=cfg.runtime.max_restarts)
+        .remote(payload)
+        for _ in range(cfg.runtime.samplers)
+    ]
+    lora = learner.lora_state.remote()
+    version = 0
+    prompt_generator = torch.Generator().manual_seed(cfg.seed)
+    log = RunLog(cfg, out, progress)
+    iteration = 0
+    while log.samples < cfg.train.total_samples:
+        tick = time.perf_counter()
+        rollouts = [
+            sampler.sample.remote(lora, version, pick_prompts(cfg, prompt_generator), iteration, slot)
+            for slot, sampler in enumerate(samplers)
+        ]
+        results, lora = learner.train.options(num_returns=2).remote(*rollouts)
+        version += 1
+        for images, stats in ray.get(results):
+            log.record(images, stats | {"step_time": time.perf_counter() - tick})
+        iteration += 1
+    log.close()
+    return ray.get(learner.finish.remote(log.samples, time.perf_counter() - start))

@@ -1,0 +1,123 @@
+"""The Ray runtime on a local Ray and on a simulated multi-node cluster."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from tailorpo.config import ConfigError, load_config
+from tailorpo.runtime.driver import train_on_ray
+from tailorpo.trainer import train
+
+pytestmark = pytest.mark.slow
+SHORT = ["train.total_samples=4", "eval.images_per_prompt=1"]
+
+
+def lora(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+def assert_same_lora(a, b) -> None:
+    left, right = lora(a), lora(b)
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), key
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_one_remote_sampler_reproduces_the_one_process_trainer(tmp_path, local_ray):
+    """Samplers draw from the (seed, iteration, slot) noise stream and the learner applies rollouts in slot
+    order, so with one sampler the LoRA equals the in-process run's bit for bit (both single-threaded: Ray
+    gives a 0.5-CPU actor one thread, and float sums depend on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config("launch/tiny.yaml", [*SHORT, f"output_dir={tmp_path / 'local'}"]), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    summary = train_on_ray(
+        load_config("launch/tiny.yaml", [*SHORT, "runtime.samplers=1", f"output_dir={tmp_path / 'ray'}"]),
+        progress=False,
+    )
+    assert summary.samples == 4 and summary.updates == 2
+    assert_same_lora(tmp_path / "local", tmp_path / "ray")
+
+
+def test_two_samplers_are_reproducible_and_train_on_both(tmp_path, local_ray):
+    runs = []
+    for name in ("a", "b"):
+        cfg = load_config("launch/tiny.yaml", [*SHORT, "runtime.samplers=2", f"output_dir={tmp_path / name}"])
+        runs.append(train_on_ray(cfg, progress=False))
+    assert runs[0].updates == 2 and runs[0].samples == 4  # one iteration: a rollout from each sampler
+    assert_same_lora(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_cluster_too_small_fails_fast_naming_the_fields(tmp_path, local_ray):
+    cfg = load_config("launch/tiny.yaml", [*SHORT, "runtime.samplers=4", "runtime.sampler.num_cpus=1",
+                                           f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"runtime: 4 samplers \+ 1 learner .* \(CPU: needs 4.5, cluster has 2\)"):
+        train_on_ray(cfg, progress=False)
+
+
+def test_samplers_on_another_node_reproduce_the_local_run(tmp_path):
+    """A simulated two-node cluster: the head runs the driver and learner; the samplers need a custom
+    resource only the second node has, so they can only run there. The LoRA equals a one-process run."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1, resources={"sampler_node": 1})
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    try:
+        overrides = [*SHORT, "runtime.samplers=1", "runtime.sampler.resources={sampler_node: 1}",
+                     f"output_dir={tmp_path / 'cluster'}"]
+        train_on_ray(load_config("launch/tiny.yaml", overrides), progress=False)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config("launch/tiny.yaml", [*SHORT, f"output_dir={tmp_path / 'local'}"]), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_lora(tmp_path / "local", tmp_path / "cluster")
+
+
+def test_ray_job_submit_of_the_tiny_config(tmp_path):
+    """The README's cluster flow: `ray start --head`, then `ray job submit --working-dir . -- tailorpo train`."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    ray_cli = os.path.join(bin_dir, "ray")
+    head = [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", "--port=0", "--num-cpus=2",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+            "--disable-usage-stats"]
+    subprocess.run(head, check=True, env=env, capture_output=True, timeout=120)
+    try:
+        job = subprocess.run(
+            [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dashboard_port}", "--working-dir=.", "--",
+             "tailorpo", "train", "launch/tiny.yaml", "--no-progress", "--set", "runtime.samplers=1",
+             *[f"--set={o}" for o in SHORT], f"--set=output_dir={tmp_path / 'job'}"],
+            env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)),
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr
+        assert (tmp_path / "job" / "lora" / "pytorch_lora_weights.safetensors").exists()
+        assert (tmp_path / "job" / "summary.json").exists()
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
