@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     train_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a field, e.g. --set optim.lr=1e-4 (repeatable)")
     train_p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train_p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     tiny_p = sub.add_parser("make-tiny-model", help="write the tiny SD-shaped pipeline to DIR")
     tiny_p.add_argument("dir")
     tiny_p.add_argument("--seed", type=int, default=0)
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.runtime.samplers:
         from tailorpo.runtime.driver import train_on_ray as train
     try:
-        print(train(cfg, progress=not args.no_progress).text())
+        print(train(cfg, progress=not args.no_progress, resume=args.resume).text())
     except (ConfigError, RewardServerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -124,6 +124,9 @@ class EvalConfig(Section):
 class TrainConfig(Section):
     total_samples: int = Field(10_000, ge=1, description="Trajectories sampled in the whole run.")
     save_every: int = Field(0, ge=0, description="Save the LoRA every N iterations (0: only at the end).")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Write a resumable checkpoint every N optimizer updates (0: never)."
+    )
 
 
 class ActorResources(Section):

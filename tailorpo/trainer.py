@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from tailorpo.branching import tailorpo_rollout
+from tailorpo.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from tailorpo.config import Config, ConfigError, dump_config
 from tailorpo.guidance import cosine_eta_schedule
 from tailorpo.learner import Learner
@@ -183,10 +184,11 @@ def learn_from(cfg: Config, learner: Learner, tracker: PerPromptStatTracker, rol
 class RunLog:
     """TensorBoard scalars against the sample count, and the progress bar."""
 
-    def __init__(self, cfg: Config, out: Path, progress: bool) -> None:
+    def __init__(self, cfg: Config, out: Path, progress: bool, samples: int = 0) -> None:
         self.writer = SummaryWriter(str(out / "tensorboard"))
-        self.bar = tqdm(total=cfg.train.total_samples, unit="img", desc=cfg.algorithm.name, disable=not progress)
-        self.samples = 0
+        self.bar = tqdm(total=cfg.train.total_samples, initial=samples, unit="img", desc=cfg.algorithm.name,
+                        disable=not progress)
+        self.samples = samples
 
     def record(self, images: int, stats: dict[str, float]) -> None:
         self.samples += images
@@ -235,9 +237,27 @@ def prepare_output(cfg: Config) -> Path:
     return out
 
 
-def train(cfg: Config, progress: bool = True) -> RunSummary:
+def maybe_checkpoint(
+    cfg: Config, learner: Learner, tracker: PerPromptStatTracker, progress: Progress, prompt_state: torch.Tensor,
+    updates_before: int,
+) -> None:
+    """Checkpoint when this iteration's optimizer steps crossed a multiple of ``train.checkpoint_every``."""
+    every = cfg.train.checkpoint_every
+    if every and learner.updates // every > updates_before // every and not learner.pending_iterations:
+        save_checkpoint(cfg.output_dir, learner, tracker, progress, prompt_state)
+
+
+def resume_from(out: Path, learner: Learner, tracker: PerPromptStatTracker) -> tuple[Progress, torch.Tensor]:
+    path = latest_checkpoint(out)
+    if path is None:
+        raise ConfigError(f"--resume: no checkpoint-* folder in output_dir={str(out)!r}; set train.checkpoint_every")
+    return load_checkpoint(path, learner, tracker)
+
+
+def train(cfg: Config, progress: bool = True, resume: bool = False) -> RunSummary:
     """Run the configured algorithm to ``train.total_samples`` sampled images in this process and write the
-    outputs. (``runtime.samplers > 0`` runs the same loop on Ray: ``tailorpo.runtime.driver``.)"""
+    outputs; ``resume`` continues from the newest checkpoint in ``output_dir``. (``runtime.samplers > 0``
+    runs the same loop on Ray: ``tailorpo.runtime.driver``.)"""
     start = time.perf_counter()
     seed_everything(cfg.seed)
     out = prepare_output(cfg)
@@ -246,16 +266,21 @@ def train(cfg: Config, progress: bool = True) -> RunSummary:
     learner = Learner(policy, cfg.optim, cfg.algorithm)
     tracker = PerPromptStatTracker(cfg.algorithm.ddpo.stat_buffer_size, cfg.algorithm.ddpo.stat_min_count)
     prompt_generator = torch.Generator().manual_seed(cfg.seed)
-    log = RunLog(cfg, out, progress)
-    iteration = 0
-    while log.samples < cfg.train.total_samples:
+    state = Progress(samples=0, iteration=0)
+    if resume:
+        state, prompt_state = resume_from(out, learner, tracker)
+        prompt_generator.set_state(prompt_state)
+    log = RunLog(cfg, out, progress, state.samples)
+    while state.samples < cfg.train.total_samples:
         tick = time.perf_counter()
+        updates_before = learner.updates
         prompts = pick_prompts(cfg, prompt_generator)
-        rollout = collect_rollout(cfg, policy, reward, prompts, rollout_generator(cfg.seed, iteration, 0))
+        rollout = collect_rollout(cfg, policy, reward, prompts, rollout_generator(cfg.seed, state.iteration, 0))
         stats = learn_from(cfg, learner, tracker, rollout)
         log.record(len(rollout.images), stats | {"step_time": time.perf_counter() - tick})
-        iteration += 1
-        if cfg.train.save_every and iteration % cfg.train.save_every == 0:
+        state = Progress(samples=log.samples, iteration=state.iteration + 1)
+        maybe_checkpoint(cfg, learner, tracker, state, prompt_generator.get_state(), updates_before)
+        if cfg.train.save_every and state.iteration % cfg.train.save_every == 0:
             save_lora(policy.unet, out / "lora")
     log.close()
     return finish_run(cfg, policy, reward, learner, log.samples, time.perf_counter() - start)

@@ -13,6 +13,7 @@ import time
 import ray
 import torch
 
+from tailorpo.checkpoint import Progress
 from tailorpo.config import ActorResources, Config, ConfigError
 from tailorpo.runtime.workers import LearnerWorker, SamplerWorker
 from tailorpo.trainer import RunLog, RunSummary, pick_prompts, prepare_output
@@ -38,7 +39,7 @@ def check_cluster_fits(cfg: Config) -> None:
         )
 
 
-def train_on_ray(cfg: Config, progress: bool = True) -> RunSummary:
+def train_on_ray(cfg: Config, progress: bool = True, resume: bool = False) -> RunSummary:
     """``tailorpo train`` with ``runtime.samplers > 0``: joins the cluster at ``runtime.address`` (or the
     job's cluster under ``ray job submit``) or starts a local Ray."""
     start = time.perf_counter()
@@ -54,21 +55,25 @@ def train_on_ray(cfg: Config, progress: bool = True) -> RunSummary:
         .remote(payload)
         for _ in range(cfg.runtime.samplers)
     ]
-    lora = learner.lora_state.remote()
-    version = 0
     prompt_generator = torch.Generator().manual_seed(cfg.seed)
-    log = RunLog(cfg, out, progress)
-    iteration = 0
-    while log.samples < cfg.train.total_samples:
+    state = Progress(samples=0, iteration=0)
+    if resume:
+        state, prompt_state = ray.get(learner.resume.remote())
+        prompt_generator.set_state(prompt_state)
+    lora = learner.lora_state.remote()
+    version = state.iteration
+    log = RunLog(cfg, out, progress, state.samples)
+    while state.samples < cfg.train.total_samples:
         tick = time.perf_counter()
         rollouts = [
-            sampler.sample.remote(lora, version, pick_prompts(cfg, prompt_generator), iteration, slot)
+            sampler.sample.remote(lora, version, pick_prompts(cfg, prompt_generator), state.iteration, slot)
             for slot, sampler in enumerate(samplers)
         ]
         results, lora = learner.train.options(num_returns=2).remote(*rollouts)
         version += 1
         for images, stats in ray.get(results):
             log.record(images, stats | {"step_time": time.perf_counter() - tick})
-        iteration += 1
+        state = Progress(samples=log.samples, iteration=state.iteration + 1)
+        learner.checkpoint_if_due.remote(state, prompt_generator.get_state())
     log.close()
     return ray.get(learner.finish.remote(log.samples, time.perf_counter() - start))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from tailorpo.checkpoint import Progress
 from tailorpo.config import Config
 from tailorpo.learner import Learner
 from tailorpo.objectives import PerPromptStatTracker
@@ -24,7 +26,9 @@ from tailorpo.trainer import (
     collect_rollout,
     finish_run,
     learn_from,
+    maybe_checkpoint,
     resolve_device,
+    resume_from,
     rollout_generator,
     seed_everything,
 )
@@ -75,13 +79,21 @@ class LearnerWorker:
         self.learner = Learner(self.policy, self.cfg.optim, self.cfg.algorithm)
         ddpo = self.cfg.algorithm.ddpo
         self.tracker = PerPromptStatTracker(ddpo.stat_buffer_size, ddpo.stat_min_count)
+        self.updates_before = 0
 
     def lora_state(self) -> LoraState:
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.policy.unet).items()}
 
+    def resume(self) -> tuple[Progress, torch.Tensor]:
+        return resume_from(Path(self.cfg.output_dir), self.learner, self.tracker)
+
+    def checkpoint_if_due(self, progress: Progress, prompt_state: torch.Tensor) -> None:
+        maybe_checkpoint(self.cfg, self.learner, self.tracker, progress, prompt_state, self.updates_before)
+
     def train(self, *rollouts: Rollout) -> tuple[list[tuple[int, dict[str, float]]], LoraState]:
         """Learn from the rollouts in slot order (so the result does not depend on which sampler finished
         first); return (images, scalars) per rollout and the new LoRA weights."""
+        self.updates_before = self.learner.updates
         results = [
             (len(r.images), learn_from(self.cfg, self.learner, self.tracker, rollout_to(r, self.policy.device)))
             for r in rollouts
