@@ -26,6 +26,16 @@ def assert_same_lora(a, b) -> None:
         assert torch.equal(left[key], right[key]), key
 
 
+def train_single_threaded(output_dir) -> None:
+    """The one-process trainer with one thread, as a 0.5-CPU Ray actor runs (float sums depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config("launch/tiny.yaml", [*SHORT, f"output_dir={output_dir}"]), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -37,12 +47,7 @@ def test_one_remote_sampler_reproduces_the_one_process_trainer(tmp_path, local_r
     """Samplers draw from the (seed, iteration, slot) noise stream and the learner applies rollouts in slot
     order, so with one sampler the LoRA equals the in-process run's bit for bit (both single-threaded: Ray
     gives a 0.5-CPU actor one thread, and float sums depend on the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(load_config("launch/tiny.yaml", [*SHORT, f"output_dir={tmp_path / 'local'}"]), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    train_single_threaded(tmp_path / "local")
     summary = train_on_ray(
         load_config("launch/tiny.yaml", [*SHORT, "runtime.samplers=1", f"output_dir={tmp_path / 'ray'}"]),
         progress=False,
@@ -82,12 +87,7 @@ def test_samplers_on_another_node_reproduce_the_local_run(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(load_config("launch/tiny.yaml", [*SHORT, f"output_dir={tmp_path / 'local'}"]), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    train_single_threaded(tmp_path / "local")
     assert_same_lora(tmp_path / "local", tmp_path / "cluster")
 
 
@@ -121,3 +121,12 @@ def test_ray_job_submit_of_the_tiny_config(tmp_path):
         assert (tmp_path / "job" / "summary.json").exists()
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_resume_on_ray_continues_the_run_exactly(tmp_path, local_ray):
+    """Interrupted after 2 samples and resumed on Ray: the same LoRA as an uninterrupted one-process run."""
+    ray_run = [*SHORT[1:], "runtime.samplers=1", "train.checkpoint_every=1", f"output_dir={tmp_path / 'ray'}"]
+    train_on_ray(load_config("launch/tiny.yaml", [*ray_run, "train.total_samples=2"]), progress=False)
+    train_on_ray(load_config("launch/tiny.yaml", [*ray_run, "train.total_samples=4"]), progress=False, resume=True)
+    train_single_threaded(tmp_path / "local")
+    assert_same_lora(tmp_path / "local", tmp_path / "ray")
