@@ -52,6 +52,7 @@ class Rollout:
     rewards: torch.Tensor  # (B,) reward of the final images
     data: PreferencePairs | PolicySteps
     stats: dict[str, float] = field(default_factory=dict)
+    sample_ids: list[str] = field(default_factory=list)  # "iteration:slot:row", for the runtime's ledger
 
 
 def select_rows(data: PreferencePairs | PolicySteps, rows: torch.Tensor) -> PreferencePairs | PolicySteps:

@@ -18,6 +18,8 @@ from tailorpo.config import ActorResources, Config, ConfigError
 from tailorpo.runtime.workers import LearnerWorker, SamplerWorker
 from tailorpo.trainer import RunLog, RunSummary, pick_prompts, prepare_output
 
+SAMPLER_NAME = "tailorpo-sampler"
+
 
 def actor_options(resources: ActorResources) -> dict:
     return {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": resources.resources}
@@ -51,10 +53,38 @@ def train_on_ray(cfg: Config, progress: bool = True, resume: bool = False) -> Ru
     learner = ray.remote(LearnerWorker).options(**actor_options(cfg.runtime.learner)).remote(payload)
     samplers = [
         ray.remote(SamplerWorker)
-        .options(**actor_options(cfg.runtime.sampler), max_restarts=cfg.runtime.max_restarts)
+        .options(**actor_options(cfg.runtime.sampler), max_restarts=cfg.runtime.max_restarts,
+                 name=f"{SAMPLER_NAME}-{slot}")
         .remote(payload)
-        for _ in range(cfg.runtime.samplers)
+        for slot in range(cfg.runtime.samplers)
     ]
+    try:
+        return _drive(cfg, learner, samplers, out, progress, resume, start)
+    finally:
+        for actor in [learner, *samplers]:
+            ray.kill(actor)
+
+
+def draw_rollouts(
+    cfg: Config, samplers: list, lora: ray.ObjectRef, version: int, prompts: list[list[str]], iteration: int
+) -> list[ray.ObjectRef]:
+    """One rollout per sampler. A sampler that dies mid-rollout is restarted by Ray (``max_restarts``) and
+    its rollout redrawn from the same (seed, iteration, slot) noise stream: the same samples, none lost and
+    none counted twice."""
+    refs = [s.sample.remote(lora, version, prompts[slot], iteration, slot) for slot, s in enumerate(samplers)]
+    for slot, sampler in enumerate(samplers):
+        for attempt in range(cfg.runtime.max_restarts + 1):
+            try:
+                ray.get(refs[slot])
+                break
+            except ray.exceptions.RayActorError:
+                if attempt == cfg.runtime.max_restarts:
+                    raise
+                refs[slot] = sampler.sample.remote(lora, version, prompts[slot], iteration, slot)
+    return refs
+
+
+def _drive(cfg: Config, learner, samplers: list, out, progress: bool, resume: bool, start: float) -> RunSummary:
     prompt_generator = torch.Generator().manual_seed(cfg.seed)
     state = Progress(samples=0, iteration=0)
     if resume:
@@ -65,10 +95,8 @@ def train_on_ray(cfg: Config, progress: bool = True, resume: bool = False) -> Ru
     log = RunLog(cfg, out, progress, state.samples)
     while state.samples < cfg.train.total_samples:
         tick = time.perf_counter()
-        rollouts = [
-            sampler.sample.remote(lora, version, pick_prompts(cfg, prompt_generator), state.iteration, slot)
-            for slot, sampler in enumerate(samplers)
-        ]
+        prompts = [pick_prompts(cfg, prompt_generator) for _ in samplers]
+        rollouts = draw_rollouts(cfg, samplers, lora, version, prompts, state.iteration)
         results, lora = learner.train.options(num_returns=2).remote(*rollouts)
         version += 1
         for images, stats in ray.get(results):

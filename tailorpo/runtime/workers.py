@@ -7,8 +7,9 @@ optimizer and the DDPO statistics, and evaluates and saves at the end.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def rollout_to(rollout: Rollout, device: torch.device | str) -> Rollout:
     if isinstance(data, PreferencePairs) and data.shared_parent:
         moved["x_t_l"] = moved["x_t_w"]
     new_data: PreferencePairs | PolicySteps = type(data)(**moved)
-    return Rollout(rollout.prompts, rollout.images.to(device), rollout.rewards.to(device), new_data, rollout.stats)
+    return replace(rollout, images=rollout.images.to(device), rewards=rollout.rewards.to(device), data=new_data)
 
 
 class SamplerWorker:
@@ -68,6 +69,7 @@ class SamplerWorker:
             self.cfg, self.policy, self.reward, prompts, rollout_generator(self.cfg.seed, iteration, slot)
         )
         rollout.stats |= {"policy_version": float(version), "sample_time": time.perf_counter() - tick}
+        rollout.sample_ids = [f"{iteration}:{slot}:{row}" for row in range(len(rollout.images))]
         return rollout_to(rollout, "cpu")
 
 
@@ -98,6 +100,9 @@ class LearnerWorker:
             (len(r.images), learn_from(self.cfg, self.learner, self.tracker, rollout_to(r, self.policy.device)))
             for r in rollouts
         ]
+        with open(Path(self.cfg.output_dir) / "ledger.jsonl", "a") as ledger:  # which samples each update saw
+            ids = [i for r in rollouts for i in r.sample_ids]
+            ledger.write(json.dumps({"updates": self.learner.updates, "samples": ids}) + "\n")
         return results, self.lora_state()
 
     def finish(self, samples: int, seconds: float) -> RunSummary:
