@@ -26,9 +26,14 @@ def generate_stubs() -> None:
 
 
 class BuildPyWithStubs(build_py):
-    def run(self) -> None:
+    """tailorpo/_proto is gitignored, so in a clean checkout the package list (found from pyproject before
+    any command runs) lacks it: generate the stubs before build_py lists its modules and add the package."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
         generate_stubs()
-        super().run()
+        if self.packages is not None and "tailorpo._proto" not in self.packages:
+            self.packages.append("tailorpo._proto")
 
 
 setup(cmdclass={"build_py": BuildPyWithStubs})

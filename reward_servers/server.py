@@ -2,19 +2,30 @@
 
 - Dynamic batching: concurrent Score calls wait up to ``max_wait_ms`` to share one model call of at most
   ``max_batch_size`` images (calls with the same image size and want_grad are grouped).
-- Backpressure: at most ``max_queue`` requests are admitted at once; more are answered RESOURCE_EXHAUSTED
-  instead of growing a queue without end.
-- Deadlines: a request whose deadline passed while queued is dropped before the model sees it.
+- Backpressure: at most ``max_queue`` Score requests are admitted at once (queued or being scored); more
+  are answered RESOURCE_EXHAUSTED instead of growing a queue without end. Each admitted call holds one
+  handler thread while it waits, so the thread pool has ``max_queue + HEADROOM`` threads (the headroom
+  answers health checks, Info and the RESOURCE_EXHAUSTED replies themselves) and grpc's
+  ``maximum_concurrent_rpcs`` is the same number, so grpc answers RESOURCE_EXHAUSTED itself beyond it
+  rather than parking calls in its own unbounded queue.
+- Deadlines and cancellation: a call whose deadline already passed is refused up front; a caller that
+  gives up (deadline or cancel) frees its queue slot at once and is never scored.
 - Validation: shape, dtype, byte count, NaN/inf, values outside [0, 1], prompt count, empty batch ->
-  INVALID_ARGUMENT naming the problem; want_grad on a non-differentiable reward -> FAILED_PRECONDITION.
-- Security: binds 127.0.0.1 unless told otherwise; optional bearer token (UNAUTHENTICATED without it) and TLS.
-- grpc.health.v1 on every server; SIGTERM/SIGINT finish in-flight work before exiting.
+  INVALID_ARGUMENT naming the problem; want_grad on a non-differentiable reward -> FAILED_PRECONDITION; a
+  model returning the wrong number of scores or a wrongly shaped gradient -> INTERNAL naming the mismatch.
+- Security: binds 127.0.0.1 unless told otherwise and refuses a port another process holds (no
+  SO_REUSEPORT); optional bearer token for RewardService (UNAUTHENTICATED without it) and TLS. The
+  grpc.health.v1 service is deliberately unauthenticated so load balancers and probes need no secret; it
+  reveals only SERVING / NOT_SERVING.
+- SIGTERM/SIGINT finish in-flight work before exiting; calls arriving during shutdown get UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -31,6 +42,7 @@ from tailorpo.rewards.wire import PROTOCOL_VERSION, WireError, tensor_from_proto
 
 log = logging.getLogger("tailorpo.reward_server")
 SERVICE_NAME = "tailorpo.reward.v1.RewardService"
+HEADROOM = 8  # handler threads beyond max_queue: health, Info and fast rejections never wait for a thread
 
 
 @dataclass
@@ -41,7 +53,6 @@ class ServerConfig:
     max_wait_ms: float = 5.0
     max_queue: int = 64
     max_message_mb: int = 256  # a batch of 64 512x512 float32 images is 192 MiB
-    workers: int = 16
     token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -55,14 +66,27 @@ class _Request:
     want_grad: bool
     deadline: float | None  # time.monotonic() by which the caller stops waiting
     done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False  # the caller gave up: it no longer counts against max_queue
     scores: torch.Tensor | None = None
     grad: torch.Tensor | None = None
     batch_size: int = 0
     error: Exception | None = None
 
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.done.set()
+
 
 class QueueFull(Exception):
-    pass
+    """max_queue requests are already admitted (RESOURCE_EXHAUSTED: retry later)."""
+
+
+class BatcherUnavailable(Exception):
+    """The batcher is shutting down or its worker died (UNAVAILABLE: try another server)."""
+
+
+class Cancelled(Exception):
+    """The caller cancelled before its request was scored."""
 
 
 class Batcher:
@@ -74,40 +98,59 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self._pending: list[_Request] = []
+        self._pending: list[_Request] = []  # only live requests: cancel() removes the others at once
+        self._in_flight: list[_Request] = []  # the batch the model is scoring now
         self._cond = threading.Condition()
         self._stopping = False
+        self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, request: _Request) -> None:
         with self._cond:
             if self._stopping:
-                raise QueueFull("server is shutting down")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"{len(self._pending)} requests already queued (max_queue={self.max_queue})")
+                raise BatcherUnavailable("server is shutting down")
+            if self._failure is not None or not self._thread.is_alive():  # _failure: set before the thread ends
+                raise BatcherUnavailable(f"the reward batcher is not running (it failed: {self._failure!r})")
+            admitted = len(self._pending) + sum(not (r.cancelled or r.done.is_set()) for r in self._in_flight)
+            if admitted >= self.max_queue:
+                raise QueueFull(f"{admitted} requests already admitted (max_queue={self.max_queue})")
             self._pending.append(request)
             self._cond.notify_all()
 
-    def stop(self) -> None:
-        """Finish what is queued, then end the worker."""
+    def cancel(self, request: _Request) -> None:
+        """The caller gave up: free its slot now rather than when the batcher would reach it."""
+        with self._cond:
+            request.cancelled = True
+            if request in self._pending:
+                self._pending.remove(request)
+                request.fail(Cancelled("cancelled by the caller"))
+                self._cond.notify_all()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish what is queued, then end the worker; never hang shutdown on a stuck model call."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("reward batcher still busy after %.0f s; exiting without it", timeout_s)
 
-    def _take_batch(self) -> list[_Request]:
+    def _take_batch(self) -> list[_Request] | None:
+        """The next batch (possibly empty if its requests were cancelled); None once stopping and idle."""
         with self._cond:
+            self._in_flight = []
             while not self._pending and not self._stopping:
                 self._cond.wait()
             if not self._pending:
-                return []
-            first = self._pending[0]
-            key = (first.want_grad, tuple(first.images.shape[1:]))
+                return None
+            key = (self._pending[0].want_grad, tuple(self._pending[0].images.shape[1:]))
             wait_until = time.monotonic() + self.max_wait_s
             while not self._stopping:
                 same = [r for r in self._pending if (r.want_grad, tuple(r.images.shape[1:])) == key]
-                if sum(len(r.prompts) for r in same) >= self.max_batch_size or time.monotonic() >= wait_until:
+                if not same or sum(len(r.prompts) for r in same) >= self.max_batch_size:
+                    break
+                if time.monotonic() >= wait_until:
                     break
                 self._cond.wait(timeout=max(wait_until - time.monotonic(), 0))
             batch, size = [], 0
@@ -118,34 +161,44 @@ class Batcher:
                 size += len(r.prompts)
             for r in batch:
                 self._pending.remove(r)
+            self._in_flight = batch
             return batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if not batch:
-                return
-            now = time.monotonic()
-            live = []
-            for r in batch:
-                if r.deadline is not None and now > r.deadline:
-                    r.error = TimeoutError("deadline passed while queued")
-                    r.done.set()
-                else:
-                    live.append(r)
-            if live:
-                self._score(live)
+        """Any escaped exception fails every waiting caller instead of silently leaving them to time out."""
+        try:
+            while (batch := self._take_batch()) is not None:
+                now = time.monotonic()
+                for r in batch:
+                    if r.deadline is not None and now > r.deadline:
+                        r.fail(TimeoutError("deadline passed while queued"))
+                live = [r for r in batch if not r.done.is_set()]
+                if live:
+                    self._score(live)
+        except BaseException as err:  # noqa: BLE001 - reported to every caller, then the thread ends
+            log.exception("reward batcher crashed")
+            with self._cond:
+                self._failure = err
+                for r in self._pending + self._in_flight:
+                    if not r.done.is_set():
+                        r.fail(BatcherUnavailable(f"the reward batcher crashed: {err!r}"))
+                self._pending, self._in_flight = [], []
 
     def _score(self, batch: list[_Request]) -> None:
+        images = torch.cat([r.images for r in batch])
+        want_grad = batch[0].want_grad
         try:
-            out = self.model.score(
-                torch.cat([r.images for r in batch]), [p for r in batch for p in r.prompts], batch[0].want_grad
-            )
+            out = self.model.score(images, [p for r in batch for p in r.prompts], want_grad)
+            if tuple(out.scores.shape) != (len(images),):  # slicing a short result would misalign callers
+                raise RuntimeError(f"model returned scores of shape {tuple(out.scores.shape)} for "
+                                   f"{len(images)} images")
+            if want_grad and (out.grad is None or out.grad.shape != images.shape):
+                got = None if out.grad is None else tuple(out.grad.shape)
+                raise RuntimeError(f"model returned a gradient of shape {got} for images {tuple(images.shape)}")
         except Exception as err:  # noqa: BLE001 - every waiting caller must hear about it
             log.exception("model call failed")
             for r in batch:
-                r.error = err
-                r.done.set()
+                r.fail(err)
             return
         start = 0
         for r in batch:
@@ -157,18 +210,27 @@ class Batcher:
             r.done.set()
 
 
+_ERROR_CODES = {
+    TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    BatcherUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, model: RewardModel, config: ServerConfig, score_notes: str = "") -> None:
         self.model = model
         self.config = config
         self.score_notes = score_notes
         self.batcher = Batcher(model, config.max_batch_size, config.max_wait_ms / 1000, config.max_queue)
+        self._expected = None if config.token is None else f"Bearer {config.token}".encode()
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
-        if self.config.token is None:
+        """Constant-time comparison, so the token cannot be guessed byte by byte from response times."""
+        if self._expected is None:
             return
-        metadata = dict(context.invocation_metadata())
-        if metadata.get("authorization") != f"Bearer {self.config.token}":
+        got = dict(context.invocation_metadata()).get("authorization", "")
+        if not hmac.compare_digest(got.encode(), self._expected):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization'")
 
     def Info(self, request: reward_pb2.InfoRequest, context: grpc.ServicerContext) -> reward_pb2.InfoResponse:
@@ -197,16 +259,23 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 f"reward {self.model.name!r} is not differentiable; call Score without want_grad",
             )
         remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        job = _Request(images, prompts, request.want_grad, deadline)
+        if remaining is not None and remaining <= 0:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was queued")
+        job = _Request(images, prompts, request.want_grad, None if remaining is None else time.monotonic() + remaining)
         try:
             self.batcher.submit(job)
         except QueueFull as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {err}; retry with backoff")
+        except BatcherUnavailable as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        if not context.add_callback(lambda: self.batcher.cancel(job)):  # the call already ended
+            self.batcher.cancel(job)
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended before the request was queued")
         if not job.done.wait(timeout=remaining):
+            self.batcher.cancel(job)
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the batch was scored")
-        if isinstance(job.error, TimeoutError):
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(job.error))
+        if type(job.error) in _ERROR_CODES:
+            context.abort(_ERROR_CODES[type(job.error)], str(job.error))
         if job.error is not None:
             context.abort(grpc.StatusCode.INTERNAL, f"reward model failed: {job.error}")
         response = reward_pb2.ScoreResponse(scores=job.scores.tolist(), batch_size=job.batch_size)
@@ -227,31 +296,42 @@ class RunningServer:
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace_s).wait()
-        self.servicer.batcher.stop()
+        self.servicer.batcher.stop(timeout_s=grace_s)
 
 
 def start_server(model: RewardModel, config: ServerConfig, score_notes: str = "") -> RunningServer:
+    """Raises OSError naming the address when it cannot be bound (e.g. another server already holds it)."""
     max_bytes = config.max_message_mb * 2**20
+    threads = config.max_queue + HEADROOM
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers),
-        options=[("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)],
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reward-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.so_reuseport", 0),  # grpc's default 1 would let a second server share (and split) the port
+        ],
+        maximum_concurrent_rpcs=threads,  # beyond it grpc answers RESOURCE_EXHAUSTED instead of queueing
     )
     servicer = RewardServicer(model, config, score_notes)
     reward_pb2_grpc.add_RewardServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
-    if config.tls_cert or config.tls_key:
-        if not (config.tls_cert and config.tls_key):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
-        credentials = grpc.ssl_server_credentials(
-            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
-        )
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if config.tls_cert or config.tls_key:
+            if not (config.tls_cert and config.tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            credentials = grpc.ssl_server_credentials(
+                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind ..." does not say why; older grpc returned 0 instead
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        servicer.batcher.stop(timeout_s=1.0)
+        raise OSError(f"could not bind {address}: already in use (another server?) or not a local address")
     server.start()
     for service in (SERVICE_NAME, ""):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -259,8 +339,13 @@ def start_server(model: RewardModel, config: ServerConfig, score_notes: str = ""
 
 
 def serve_forever(model: RewardModel, config: ServerConfig, score_notes: str = "") -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully. Prints the bound address first."""
-    running = start_server(model, config, score_notes)
+    """Run until SIGTERM/SIGINT, then shut down gracefully. Prints the bound address first; a port that
+    cannot be bound ends the process with exit code 2 and one line naming the address (no traceback)."""
+    try:
+        running = start_server(model, config, score_notes)
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     print(f"reward server {model.name!r} listening on {running.address}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

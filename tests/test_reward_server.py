@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -16,7 +17,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tailorpo._proto import reward_pb2, reward_pb2_grpc
-from tailorpo.rewards import build_reward
+from reward_servers import server as reward_server_module
+from reward_servers.server import ServerConfig, start_server
+from tailorpo.rewards import build_reward, grpc_client
+from tailorpo.rewards.base import RewardModel, RewardOutput
 from tailorpo.rewards.grpc_client import GrpcReward, RewardServerError, WeightedSum
 from tailorpo.rewards.images import resize_and_center_crop
 from tailorpo.rewards.wire import tensor_to_proto
@@ -136,6 +140,11 @@ def _bad(message: reward_pb2.ScoreRequest, address: str) -> grpc.RpcError:
         (dict(images=reward_pb2.Tensor(data=b"\0" * 10, shape=[1, 3, 2, 2], dtype="float32"), prompts=["a"]),
          "needs 48"),
         (dict(images=reward_pb2.Tensor(data=b"", shape=[1, 3, 2, 2], dtype="int8"), prompts=["a"]), "dtype"),
+        # no bytes needed (a zero dimension), but the other dimensions overflow torch's size arithmetic
+        (dict(images=reward_pb2.Tensor(data=b"", shape=[0, 3, 2**62, 4], dtype="float32"), prompts=[]),
+         "too large"),
+        (dict(images=reward_pb2.Tensor(data=b"", shape=[1, 3, 2**40, 2**40], dtype="float32"), prompts=["a"]),
+         "too large"),
     ],
 )
 def test_bad_input_is_invalid_argument_naming_the_problem(colorfulness_server, request_kwargs, expected):
@@ -169,6 +178,11 @@ def test_token_auth():
     with reward_server("jpeg", "--token-env", "RW_TOKEN", env={"RW_TOKEN": "s3cret"}) as (address, _):
         err = _bad(reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"]), address)
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info_err:
+            stub(address).Info(reward_pb2.InfoRequest(), timeout=5)
+        assert info_err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))  # probes need no token
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(RewardServerError, match="UNAUTHENTICATED"):
             GrpcReward([address], token="wrong")
         assert GrpcReward([address], token="s3cret").score(images(1), ["a"]).scores.shape == (1,)
@@ -197,6 +211,57 @@ def test_deadline_and_backpressure():
             t.join()
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 2, codes  # at most 2 admitted at once
         assert grpc.StatusCode.OK in codes
+
+
+def test_a_caller_that_gave_up_frees_its_queue_slot_at_once():
+    with reward_server("jpeg", "--max-wait-ms", "1500", "--max-queue", "1", "--max-batch-size", "64") as (address, _):
+        service = stub(address)
+        request = reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"])
+        with pytest.raises(grpc.RpcError) as err:
+            service.Score(request, timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.1)  # the server sees the same deadline a moment after the client does
+        # the only slot is free again long before the batcher (1.5 s wait) would have reached the dead request
+        assert len(service.Score(request, timeout=10).scores) == 1
+
+
+def test_full_queue_is_resource_exhausted_and_health_still_answers():
+    """Each admitted call holds a handler thread; more calls than threads must be refused, not parked in
+    grpc's own queue where health checks and Info would wait behind them."""
+    with reward_server("jpeg", "--max-wait-ms", "4000", "--max-queue", "20", "--max-batch-size", "64") as (address, _):
+        service = stub(address)
+        request = reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"])
+        codes: list[grpc.StatusCode] = []
+
+        def call() -> None:
+            try:
+                service.Score(request, timeout=20)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+
+        threads = [threading.Thread(target=call) for _ in range(30)]  # more than the old 16-thread pool
+        for t in threads:
+            t.start()
+        give_up = time.monotonic() + 2.5  # well before the 4 s batch releases the admitted calls
+        while codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) < 10 and time.monotonic() < give_up:
+            time.sleep(0.05)
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 10 and not codes.count(grpc.StatusCode.OK), codes
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING
+        assert service.Info(reward_pb2.InfoRequest(), timeout=1).name == "jpeg"
+        for t in threads:
+            t.join()
+        assert codes.count(grpc.StatusCode.OK) == 20, codes
+
+
+def test_a_second_server_on_the_same_port_fails_naming_the_address():
+    with reward_server("jpeg") as (address, _):
+        port = address.rsplit(":", 1)[1]
+        proc = subprocess.run([sys.executable, "-m", "tailorpo.cli", "serve-reward", "jpeg", "--tiny", "--port", port],
+                              capture_output=True, text=True, timeout=30)  # without the fix it serves forever
+        assert proc.returncode == 2 and f"could not bind {address}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_graceful_shutdown_finishes_in_flight_work():
@@ -355,3 +420,141 @@ def test_a_client_of_two_servers_survives_one_dead_server():
         first_proc.wait()
         for _ in range(4):  # every other call lands on the dead address first and is retried on the live one
             assert client.score(x, ["a"]).scores.shape == (1,)
+
+
+class _FakeReward(RewardModel):
+    """A reward whose output the test dictates, to exercise the server's checks of the model."""
+
+    name, differentiable = "fake", True
+
+    def __init__(self, output) -> None:
+        self.output = output
+
+    def _score(self, images: torch.Tensor, prompts: list[str], want_grad: bool) -> RewardOutput:
+        return self.output(images)
+
+
+@contextmanager
+def in_process_server(model: RewardModel, **config):
+    running = start_server(model, ServerConfig(max_wait_ms=1, **config))
+    try:
+        yield running
+    finally:
+        running.stop(0)
+
+
+@pytest.mark.parametrize(
+    "output, want_grad, expected",
+    [
+        (lambda x: RewardOutput(torch.zeros(len(x) - 1)), False, "scores of shape (1,) for 2 images"),
+        (lambda x: RewardOutput(torch.zeros(len(x)), torch.zeros(len(x), 3, 4, 4)), True, "gradient of shape"),
+        (lambda x: RewardOutput(torch.zeros(len(x))), True, "gradient of shape None"),
+    ],
+)
+def test_model_output_of_the_wrong_shape_is_internal_naming_it(output, want_grad, expected):
+    with in_process_server(_FakeReward(output)) as running:
+        request = reward_pb2.ScoreRequest(images=tensor_to_proto(images(2)), prompts=["a", "b"], want_grad=want_grad)
+        err = _bad(request, running.address)
+        assert err.code() == grpc.StatusCode.INTERNAL and expected in err.details(), err.details()
+
+
+def test_a_crashed_batcher_fails_callers_and_refuses_new_work():
+    with in_process_server(build_reward("jpeg")) as running:
+        def crash(batch):
+            raise RuntimeError("boom")
+
+        running.servicer.batcher._score = crash  # an exception escaping the worker loop itself
+        request = reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"])
+        for expected in ("crashed: RuntimeError('boom')", "not running"):  # the waiting call, then a new one
+            err = _bad(request, running.address)
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and expected in err.details(), err.details()
+
+
+def test_score_during_shutdown_is_unavailable():
+    with in_process_server(build_reward("jpeg")) as running:
+        running.servicer.batcher.stop(timeout_s=5)
+        err = _bad(reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"]), running.address)
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.details()
+
+
+def test_an_oversized_request_is_not_retried_and_suggests_a_smaller_batch():
+    with in_process_server(build_reward("jpeg"), max_message_mb=1) as running:
+        client = GrpcReward([running.address], retries=3, backoff_s=1.0)
+        start = time.monotonic()
+        with pytest.raises(RewardServerError, match="smaller batch"):
+            client.score(images(1, size=512), ["a"])  # 3 MiB of float32 against a 1 MiB limit
+        assert time.monotonic() - start < 1.0  # no backoff sleeps
+
+
+class _RaisingStub:
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self.calls = 0
+        self.code = code
+
+    def Score(self, request, timeout, metadata):
+        self.calls += 1
+        error = grpc.RpcError()
+        error.code, error.details = (lambda: self.code), (lambda: "down")
+        raise error
+
+
+def test_retries_sleep_only_between_attempts_with_jitter(jpeg_server, monkeypatch):
+    sleeps: list[float] = []
+    monkeypatch.setattr(grpc_client, "time", SimpleNamespace(sleep=sleeps.append, monotonic=time.monotonic))
+    client = GrpcReward([jpeg_server], retries=3, backoff_s=0.1)
+    client._stubs = [_RaisingStub(grpc.StatusCode.UNAVAILABLE)]
+    with pytest.raises(RewardServerError, match="gave up after 4 attempts"):
+        client.score(images(1), ["a"])
+    assert client._stubs[0].calls == 4 and len(sleeps) == 3, sleeps
+    bases = [0.1, 0.2, 0.4]
+    assert all(0.5 * b <= s <= 1.5 * b for s, b in zip(sleeps, bases)) and sleeps != bases, sleeps
+
+
+class _FixedStub:
+    def __init__(self, response: reward_pb2.ScoreResponse) -> None:
+        self.response = response
+
+    def Score(self, request, timeout, metadata):
+        return self.response
+
+
+@pytest.mark.parametrize(
+    "response, want_grad, expected",
+    [
+        (reward_pb2.ScoreResponse(scores=[1.0]), False, "returned 1 scores for 2 images"),
+        (reward_pb2.ScoreResponse(scores=[1.0, 2.0], grad=tensor_to_proto(torch.zeros(2, 3, 4, 4))), True,
+         "gradient of shape (2, 3, 4, 4) for images of shape (2, 3, 16, 16)"),
+    ],
+)
+def test_client_rejects_a_response_of_the_wrong_shape(colorfulness_server, response, want_grad, expected):
+    client = GrpcReward([colorfulness_server])
+    client._stubs = [_FixedStub(response)]
+    with pytest.raises(RewardServerError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        client.score(images(2), ["a", "b"], want_grad=want_grad)
+
+
+def test_addresses_of_one_reward_must_agree(colorfulness_server, jpeg_server, monkeypatch):
+    with pytest.raises(RewardServerError, match=f"{jpeg_server} serves name='jpeg'"):
+        GrpcReward([colorfulness_server, jpeg_server])
+    assert GrpcReward(["127.0.0.1:9", jpeg_server], connect_timeout_s=1.0).name == "jpeg"  # unreachable: skipped
+    monkeypatch.setattr(reward_server_module, "PROTOCOL_VERSION", "tailorpo.reward.v2")
+    with in_process_server(build_reward("jpeg")) as running:
+        with pytest.raises(RewardServerError, match=f"{running.address} speaks protocol 'tailorpo.reward.v2'"):
+            GrpcReward([jpeg_server, running.address])
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+@pytest.mark.parametrize("image_size", [8, 0])  # 8: resized on the client, chained by autograd; 0: sent as is
+def test_remote_gradient_comes_back_on_the_inputs_device_and_dtype(colorfulness_server, device, image_size):
+    """The wire gradient is float32 on the CPU; it must come back in the input's dtype and on its device
+    (float64 here; on the CPU autograd would cast the dtype itself, the device only matters on a GPU)."""
+    client = GrpcReward([colorfulness_server])
+    client.image_size = image_size
+    x = images(2, size=16, seed=6).double().to(device)
+    out = client._score(x, ["a", "b"], want_grad=True)  # score() would cast to float32 before _score
+    assert out.scores.device == x.device and out.grad.device == x.device and out.grad.dtype == torch.float64
+    reference = client.score(x.float().cpu(), ["a", "b"], want_grad=True)
+    torch.testing.assert_close(out.grad.float().cpu(), reference.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.scores.cpu(), reference.scores, rtol=1e-4, atol=1e-4)

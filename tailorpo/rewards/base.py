@@ -50,6 +50,10 @@ class RewardModel(ABC):
     @abstractmethod
     def _score(self, images: torch.Tensor, prompts: list[str], want_grad: bool) -> RewardOutput: ...
 
+    def close(self) -> None:
+        """Release what the reward holds (the gRPC client closes its channels); in-process rewards hold
+        nothing, so callers may close any reward without knowing where it runs."""
+
 
 class TorchReward(RewardModel):
     """A reward written as a differentiable torch function of the pixels; gradients come from autograd."""
