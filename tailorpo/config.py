@@ -99,15 +99,34 @@ class OptimConfig(Section):
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast of the UNet (GPU).")
 
 
+class ActorResources(Section):
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    resources: dict[str, float] = Field({}, description="Custom Ray resources, e.g. {sampler_node: 1}.")
+
+
 class RewardServerConfig(Section):
     addresses: list[str] = Field(min_length=1, description="host:port of servers of one reward; load is spread.")
     weight: float = Field(1.0, description="Weight of this reward in the sum of all configured servers.")
+
+
+class LaunchedRewardServer(Section):
+    name: str = Field(description="Servable reward: aesthetic, imagereward, pickscore, hpsv2, jpeg, colorfulness.")
+    weights: str | None = Field(None, description="Hub id or path of the checkpoint (default: the published one).")
+    tiny: bool = Field(False, description="Tiny random weights of the same architecture (tests).")
+    device: str = "cpu"
+    weight: float = Field(1.0, description="Weight in the sum of all rewards.")
+    host: str = Field("127.0.0.1", description="Bind address; samplers on other nodes need a reachable one.")
+    resources: ActorResources = Field(ActorResources(), description="Where the server's owner actor is placed.")
 
 
 class RewardConfig(Section):
     name: str = Field("jpeg", description="In-process reward ('jpeg' or 'colorfulness'), used without servers.")
     servers: list[RewardServerConfig] = Field(
         [], description="gRPC reward servers (`tailorpo serve-reward`); several are summed with their weights."
+    )
+    launch: list[LaunchedRewardServer] = Field(
+        [], description="Reward servers the Ray job starts as actors (runtime.samplers > 0), added to servers."
     )
     timeout_s: float = Field(60.0, gt=0, description="Deadline of one Score call.")
     retries: int = Field(5, ge=0, description="Retries (with backoff, next address) on UNAVAILABLE / busy.")
@@ -127,12 +146,6 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(
         0, ge=0, description="Write a resumable checkpoint every N optimizer updates (0: never)."
     )
-
-
-class ActorResources(Section):
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
-    resources: dict[str, float] = Field({}, description="Custom Ray resources, e.g. {sampler_node: 1}.")
 
 
 class RuntimeConfig(Section):
@@ -176,7 +189,10 @@ class Config(Section):
                 f"algorithm.fine_tuned_steps: {bad_steps or 'empty'} not in 1..sampling.num_steps="
                 f"{self.sampling.num_steps}; give steps k with 1 <= k <= num_steps"
             )
-        if self.reward.servers:
+        if self.reward.launch and not self.runtime.samplers:
+            problems.append("reward.launch: servers are started as Ray actors; set runtime.samplers > 0, or start "
+                            "them with `tailorpo serve-reward` and list them in reward.servers")
+        if self.reward.servers or self.reward.launch:
             pass  # whether a server's reward is differentiable is known once it answers Info
         elif self.reward.name not in REWARDS:
             problems.append(f"reward.name: {self.reward.name!r} is unknown; choose one of {sorted(REWARDS)}")

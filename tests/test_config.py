@@ -12,7 +12,8 @@ def test_launch_configs_are_valid():
     paper = load_config("launch/tailorpo.yaml")
     assert (paper.model.pretrained, paper.model.resolution, paper.train.total_samples) == (
         "runwayml/stable-diffusion-v1-5", 512, 10_000)
-    assert paper.sampling.batch_size == 2 and paper.runtime.samplers >= 1 and paper.reward.servers
+    assert paper.sampling.batch_size == 2 and paper.runtime.samplers >= 1
+    assert paper.reward.launch[0].name == "aesthetic" and paper.reward.launch[0].resources.num_gpus == 1
     defaults = load_config(None)
     # the paper's setup and D3PO's public defaults
     assert defaults.model.pretrained == "runwayml/stable-diffusion-v1-5" and defaults.model.resolution == 512

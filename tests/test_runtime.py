@@ -165,3 +165,14 @@ def test_a_killed_sampler_is_restarted_and_its_rollout_redrawn(tmp_path, local_r
     assert sorted(ids) == sorted(f"{it}:0:{row}" for it in range(6) for row in range(2))  # once each
     run("clean")
     assert_same_lora(tmp_path / "clean", tmp_path / "faulty")
+
+
+def test_reward_servers_launched_by_the_job(tmp_path, local_ray):
+    """reward.launch: the job starts the server as an actor-owned process, waits for its health, and the
+    samplers' guidance gradients come over gRPC from it."""
+    overrides = [*SHORT, "runtime.samplers=1", "algorithm.name=tailorpo_g", f"output_dir={tmp_path}",
+                 "reward.launch=[{name: colorfulness, resources: {num_cpus: 0.5}}]"]
+    summary = train_on_ray(load_config("launch/tiny.yaml", overrides), progress=False)
+    assert summary.reward == "colorfulness" and summary.updates == 2
+    saved = load_config(tmp_path / "config.yaml")
+    assert saved.reward.launch[0].name == "colorfulness"  # the config as the user wrote it

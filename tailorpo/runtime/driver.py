@@ -14,7 +14,8 @@ import ray
 import torch
 
 from tailorpo.checkpoint import Progress
-from tailorpo.config import ActorResources, Config, ConfigError
+from tailorpo.config import ActorResources, Config, ConfigError, RewardServerConfig
+from tailorpo.runtime.reward_actors import RewardServerOwner
 from tailorpo.runtime.workers import LearnerWorker, SamplerWorker
 from tailorpo.trainer import RunLog, RunSummary, pick_prompts, prepare_output
 
@@ -29,15 +30,21 @@ def check_cluster_fits(cfg: Config) -> None:
     """Fail fast, naming the fields, when the cluster cannot place every actor (Ray would wait forever)."""
     available = ray.cluster_resources()
     n, sampler, learner = cfg.runtime.samplers, cfg.runtime.sampler, cfg.runtime.learner
-    needs = {"CPU": n * sampler.num_cpus + learner.num_cpus, "GPU": n * sampler.num_gpus + learner.num_gpus}
-    for name in {*sampler.resources, *learner.resources}:
-        needs[name] = n * sampler.resources.get(name, 0) + learner.resources.get(name, 0)
+    servers = [spec.resources for spec in cfg.reward.launch]
+    needs = {
+        "CPU": n * sampler.num_cpus + learner.num_cpus + sum(r.num_cpus for r in servers),
+        "GPU": n * sampler.num_gpus + learner.num_gpus + sum(r.num_gpus for r in servers),
+    }
+    for name in {*sampler.resources, *learner.resources, *(k for r in servers for k in r.resources)}:
+        needs[name] = (n * sampler.resources.get(name, 0) + learner.resources.get(name, 0)
+                       + sum(r.resources.get(name, 0) for r in servers))
     short = {k: (v, available.get(k, 0)) for k, v in needs.items() if v > available.get(k, 0) + 1e-9}
     if short:
         detail = ", ".join(f"{k}: needs {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
         raise ConfigError(
-            f"runtime: {n} samplers + 1 learner do not fit the cluster ({detail}); lower runtime.samplers or "
-            "runtime.sampler / runtime.learner resources, or add nodes"
+            f"runtime: {n} samplers + 1 learner + {len(servers)} launched reward servers do not fit the cluster "
+            f"({detail}); lower runtime.samplers or runtime.sampler / runtime.learner / reward.launch resources, "
+            "or add nodes"
         )
 
 
@@ -49,6 +56,7 @@ def train_on_ray(cfg: Config, progress: bool = True, resume: bool = False) -> Ru
     if not ray.is_initialized():
         ray.init(address=cfg.runtime.address, include_dashboard=False, log_to_driver=False)
     check_cluster_fits(cfg)
+    owners, cfg = launch_reward_servers(cfg)
     payload = cfg.model_dump(mode="json")
     learner = ray.remote(LearnerWorker).options(**actor_options(cfg.runtime.learner)).remote(payload)
     samplers = [
@@ -61,8 +69,29 @@ def train_on_ray(cfg: Config, progress: bool = True, resume: bool = False) -> Ru
     try:
         return _drive(cfg, learner, samplers, out, progress, resume, start)
     finally:
-        for actor in [learner, *samplers]:
+        ray.get([owner.stop.remote() for owner in owners])
+        for actor in [learner, *samplers, *owners]:
             ray.kill(actor)
+
+
+def launch_reward_servers(cfg: Config) -> tuple[list, Config]:
+    """Start ``reward.launch`` servers as actors, wait until each answers health, and return them with a
+    config whose ``reward.servers`` lists their addresses (what the samplers and the learner connect to)."""
+    if not cfg.reward.launch:
+        return [], cfg
+    owners = [
+        ray.remote(RewardServerOwner).options(**actor_options(spec.resources), max_restarts=cfg.runtime.max_restarts)
+        .remote(spec.model_dump(mode="json"))
+        for spec in cfg.reward.launch
+    ]
+    addresses = ray.get([owner.address.remote() for owner in owners])
+    if not all(ray.get([owner.serving.remote() for owner in owners])):
+        raise RuntimeError(f"reward.launch: a server at {addresses} does not report SERVING")
+    servers = [*cfg.reward.servers] + [
+        RewardServerConfig(addresses=[address], weight=spec.weight) for address, spec in zip(addresses, cfg.reward.launch)
+    ]
+    reward = cfg.reward.model_copy(update={"servers": servers, "launch": []})
+    return owners, cfg.model_copy(update={"reward": reward})
 
 
 def draw_rollouts(
