@@ -188,6 +188,23 @@ def test_token_auth():
         assert GrpcReward([address], token="s3cret").score(images(1), ["a"]).scores.shape == (1,)
 
 
+def start_concurrent_calls(service, request, count: int, timeout: float) -> tuple[list[threading.Thread], list]:
+    """``count`` Score calls on their own threads; each appends its status code (OK or the error's)."""
+    codes: list[grpc.StatusCode] = []
+
+    def call() -> None:
+        try:
+            service.Score(request, timeout=timeout)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            codes.append(e.code())
+
+    threads = [threading.Thread(target=call) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads, codes
+
+
 def test_deadline_and_backpressure():
     with reward_server("jpeg", "--max-wait-ms", "1500", "--max-queue", "2", "--max-batch-size", "64") as (address, _):
         service = stub(address)
@@ -195,18 +212,7 @@ def test_deadline_and_backpressure():
         with pytest.raises(grpc.RpcError) as err:
             service.Score(request, timeout=0.3)  # waits 1.5 s to batch: misses its deadline
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        codes: list[grpc.StatusCode] = []
-
-        def call() -> None:
-            try:
-                service.Score(request, timeout=10)
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as e:
-                codes.append(e.code())
-
-        threads = [threading.Thread(target=call) for _ in range(5)]
-        for t in threads:
-            t.start()
+        threads, codes = start_concurrent_calls(service, request, 5, timeout=10)
         for t in threads:
             t.join()
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 2, codes  # at most 2 admitted at once
@@ -231,18 +237,7 @@ def test_full_queue_is_resource_exhausted_and_health_still_answers():
     with reward_server("jpeg", "--max-wait-ms", "4000", "--max-queue", "20", "--max-batch-size", "64") as (address, _):
         service = stub(address)
         request = reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"])
-        codes: list[grpc.StatusCode] = []
-
-        def call() -> None:
-            try:
-                service.Score(request, timeout=20)
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as e:
-                codes.append(e.code())
-
-        threads = [threading.Thread(target=call) for _ in range(30)]  # more than the old 16-thread pool
-        for t in threads:
-            t.start()
+        threads, codes = start_concurrent_calls(service, request, 30, timeout=20)  # more than the old 16 threads
         give_up = time.monotonic() + 2.5  # well before the 4 s batch releases the admitted calls
         while codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) < 10 and time.monotonic() < give_up:
             time.sleep(0.05)
