@@ -12,7 +12,7 @@ on the real code path: ``collect_rollout`` followed by ``Learner.train_on``. It 
     TailorPO training  2 per pair: one trainable forward and one reference forward at the shared x_t.
     D3PO sampling      2*B*T: two whole trajectories per prompt.
     D3PO training      4 per pair: the parents differ, so both forwards run on [x_t^w; x_t^l].
-- VAE decodes (if ``policy`` counts them). These are TailorPO's own overhead: 2 x0_hat decodes per branch
+- VAE decodes. These are TailorPO's own overhead: 2 x0_hat decodes per branch
   plus the final image. Each decode is about three UNet forwards at SD scale. D3PO needs only 2*B.
 - Wall time per iteration: the median of ``--iterations`` runs after one warm-up, split into sampling and
   training. Because B and the fine-tuned steps are the same for both, the TailorPO/D3PO time ratio is also the
@@ -50,13 +50,13 @@ MiB = 2**20
 
 @dataclass
 class Counts:
-    """Counters for one iteration: guided UNet evals and VAE decodes (None if the policy has no counter)."""
+    """Counters for one iteration: guided UNet evals and VAE decodes."""
 
     pairs: int
     sample_unet: int
     train_unet: int
-    sample_vae: int | None
-    train_vae: int | None
+    sample_vae: int
+    train_vae: int
 
 
 @dataclass
@@ -120,11 +120,11 @@ def measure(config: str, overrides: list[str], algorithm: str, iterations: int, 
         if cuda:
             torch.cuda.synchronize(device)
 
-    def counters() -> tuple[int, int | None]:
-        return policy.unet_evals, getattr(policy, "vae_decodes", None)
+    def counters() -> tuple[int, int]:
+        return policy.unet_evals, policy.vae_decodes
 
-    def delta(after: tuple[int, int | None], before: tuple[int, int | None]) -> tuple[int, int | None]:
-        return after[0] - before[0], None if after[1] is None else after[1] - before[1]
+    def delta(after: tuple[int, int], before: tuple[int, int]) -> tuple[int, int]:
+        return after[0] - before[0], after[1] - before[1]
 
     if cuda:
         sync()
@@ -165,8 +165,6 @@ FIELDS = [("UNet evals, sampling", "sample_unet"), ("UNet evals, training", "tra
 def _check(cfg: Config, m: Measurement, shown: Counts, field: str) -> str:
     """The shown iteration's count and minimum; ok only if EVERY timed iteration hit its own minimum."""
     measured = getattr(shown, field)
-    if measured is None:
-        return "n/a"
     diffs = [getattr(c, field) - getattr(expected(cfg, m.algorithm, c.pairs), field) for c in m.counts]
     verdict = "ok" if not any(diffs) else "ABOVE" if max(diffs) > 0 else "below"
     return f"{measured} (min {getattr(expected(cfg, m.algorithm, shown.pairs), field)}, {verdict})"

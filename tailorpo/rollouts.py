@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Callable
 
 import torch
 
@@ -55,16 +56,21 @@ class Rollout:
     sample_ids: list[str] = field(default_factory=list)  # "iteration:slot:row", for the runtime's ledger
 
 
-def select_rows(data: PreferencePairs | PolicySteps, rows: torch.Tensor) -> PreferencePairs | PolicySteps:
-    """The same container with only ``rows`` kept (a shared parent stays one tensor)."""
-    kept = {
-        f.name: value[rows] if isinstance(value, torch.Tensor) else value
+def map_tensors(data: PreferencePairs | PolicySteps, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """The same container with ``fn`` applied to every tensor field (a shared parent stays one tensor)."""
+    mapped = {
+        f.name: fn(value) if isinstance(value, torch.Tensor) else value
         for f in fields(data)
         for value in [getattr(data, f.name)]
     }
     if isinstance(data, PreferencePairs) and data.shared_parent:
-        kept["x_t_l"] = kept["x_t_w"]
-    return type(data)(**kept)
+        mapped["x_t_l"] = mapped["x_t_w"]
+    return type(data)(**mapped)
+
+
+def select_rows(data: PreferencePairs | PolicySteps, rows: torch.Tensor) -> PreferencePairs | PolicySteps:
+    """The same container with only ``rows`` kept."""
+    return map_tensors(data, lambda value: value[rows])
 
 
 def select_winner(reward_0: torch.Tensor, reward_1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from tailorpo.checkpoint import Progress
 from tailorpo.config import Config
 from tailorpo.learner import Learner
 from tailorpo.objectives import PerPromptStatTracker
-from tailorpo.rollouts import PolicySteps, PreferencePairs, Rollout
+from tailorpo.rollouts import Rollout, map_tensors
 from tailorpo.trainer import (
     RunSummary,
     build_policy,
@@ -38,14 +38,9 @@ LoraState = dict[str, torch.Tensor]
 
 
 def rollout_to(rollout: Rollout, device: torch.device | str) -> Rollout:
-    """The rollout with every tensor on ``device`` (a shared parent stays one tensor)."""
-    data = rollout.data
-    moved = {f.name: getattr(data, f.name) for f in fields(data)}
-    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()}
-    if isinstance(data, PreferencePairs) and data.shared_parent:
-        moved["x_t_l"] = moved["x_t_w"]
-    new_data: PreferencePairs | PolicySteps = type(data)(**moved)
-    return replace(rollout, images=rollout.images.to(device), rewards=rollout.rewards.to(device), data=new_data)
+    """The rollout with every tensor on ``device``."""
+    data = map_tensors(rollout.data, lambda value: value.to(device))
+    return replace(rollout, images=rollout.images.to(device), rewards=rollout.rewards.to(device), data=data)
 
 
 class SamplerWorker:
