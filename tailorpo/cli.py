@@ -17,9 +17,10 @@ def main(argv: list[str] | None = None) -> int:
                          help="override a field, e.g. --set optim.lr=1e-4 (repeatable)")
     train_p.add_argument("--no-progress", action="store_true", help="no progress bar")
     train_p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    tiny_p = sub.add_parser("make-tiny-model", help="write the tiny SD-shaped pipeline to DIR")
+    tiny_p = sub.add_parser("make-tiny-model", help="write the tiny SD-shaped (or SDXL-shaped) pipeline to DIR")
     tiny_p.add_argument("dir")
     tiny_p.add_argument("--seed", type=int, default=0)
+    tiny_p.add_argument("--sdxl", action="store_true", help="SDXL-shaped: two text encoders, pooled and size ids")
     serve_p = sub.add_parser("serve-reward", help="serve a reward model over gRPC")
     serve_p.add_argument("name", help="aesthetic, imagereward, pickscore, hpsv2, jpeg or colorfulness")
     serve_p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-tiny-model":
         from tailorpo.models import make_tiny_model
 
-        print(f"wrote {make_tiny_model(args.dir, args.seed)}")
+        print(f"wrote {make_tiny_model(args.dir, args.seed, sdxl=args.sdxl)}")
         return 0
     if args.command == "serve-reward":
         return serve_reward(args)

@@ -1,8 +1,9 @@
-"""Loading Stable Diffusion pipelines, LoRA on the UNet via peft, and the tiny SD-shaped model factory.
+"""Loading Stable Diffusion (v1.x and XL) pipelines, LoRA on the UNet via peft, and the tiny model factory.
 
-Every model goes through ``load_pipeline``: a hub id (``runwayml/stable-diffusion-v1-5``), a local diffusers
-folder, or the built-in name ``tiny-sd`` (which is first written to a cache folder by ``make_tiny_model`` and
-then loaded from that folder like any local model).
+Every model goes through ``load_pipeline``: a hub id (``runwayml/stable-diffusion-v1-5``,
+``stabilityai/stable-diffusion-xl-base-1.0``), a local diffusers folder, or a built-in name ``tiny-sd`` /
+``tiny-sdxl`` (first written to a cache folder by ``make_tiny_model`` and then loaded from that folder like any
+local model).
 """
 
 from __future__ import annotations
@@ -15,18 +16,31 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-TINY_MODEL_NAME = "tiny-sd"
+Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+# model_index.json's _class_name -> the pipeline class load_pipeline builds
+PIPELINE_CLASSES: dict[str, type[Pipeline]] = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+}
+TINY_MODELS = {"tiny-sd": False, "tiny-sdxl": True}  # built-in name -> sdxl
 TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples by 4, so latents are (4, 16, 16)
 
 
-def tiny_model_cache_dir() -> Path:
+def tiny_model_cache_dir(name: str) -> Path:
     root = os.environ.get("TAILORPO_CACHE") or Path.home() / ".cache" / "tailorpo"
-    return Path(root) / TINY_MODEL_NAME
+    return Path(root) / name
 
 
 def write_clip_tokenizer_files(directory: Path) -> None:
@@ -50,12 +64,13 @@ def write_clip_tokenizer_files(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Stable-Diffusion-shaped pipeline (random weights, real classes) in diffusers format."""
+def make_tiny_model(directory: str | Path, seed: int = 0, sdxl: bool = False) -> Path:
+    """Write a tiny Stable-Diffusion-shaped (or SDXL-shaped) pipeline, random weights and real classes, in
+    diffusers format."""
     directory = Path(directory)
     with torch.random.fork_rng():  # the caller's RNG state (e.g. for LoRA init) stays untouched
         torch.manual_seed(seed)
-        pipe = _tiny_pipeline(directory)
+        pipe = _tiny_sdxl_pipeline(directory) if sdxl else _tiny_pipeline(directory)
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
 
@@ -73,7 +88,65 @@ def _tiny_pipeline(directory: Path) -> StableDiffusionPipeline:
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
+    vae = _tiny_vae()
+    text_encoder = CLIPTextModel(_tiny_clip_config(hidden_size=32))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tiny_tokenizer(directory),
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _tiny_sdxl_pipeline(directory: Path) -> StableDiffusionXLPipeline:
+    """SDXL's layout at toy size: two CLIP text encoders whose penultimate states are concatenated for
+    cross-attention (32 + 64 wide); the second one's pooled projection and six size/crop ids feed the UNet's
+    "text_time" added embedding (6 * 8 + 32 inputs); the second tokenizer pads with "!" as SDXL's does."""
+    clip_config = _tiny_clip_config(hidden_size=32)
+    # SDXL's text_encoder_2 config: OpenCLIP bigG's gelu and token ids (eos_token_id=2 makes CLIP pool at the
+    # argmax token id, i.e. at <|endoftext|>, as the real model does)
+    clip_config_2 = _tiny_clip_config(
+        hidden_size=64, projection_dim=32, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1
+    )
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=clip_config.hidden_size + clip_config_2.hidden_size,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + clip_config_2.projection_dim,
+        norm_num_groups=16,
+    )
+    vae = _tiny_vae(scaling_factor=0.13025)  # SDXL VAE's latent scale
+    text_encoder = CLIPTextModel(clip_config)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config_2)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=_tiny_tokenizer(directory),
+        tokenizer_2=_tiny_tokenizer(directory, subfolder="tokenizer_2", pad_token="!"),
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        force_zeros_for_empty_prompt=True,  # SDXL base: the unconditional branch gets all-zero embeddings
+    )
+
+
+def _tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=(16, 32, 32),
@@ -83,27 +156,41 @@ def _tiny_pipeline(directory: Path) -> StableDiffusionPipeline:
         layers_per_block=1,
         norm_num_groups=16,
         sample_size=TINY_RESOLUTION,
+        scaling_factor=scaling_factor,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    tokenizer_dir = directory / "tokenizer"
+
+
+def _tiny_clip_config(hidden_size: int, **overrides: object) -> CLIPTextConfig:
+    """CLIP's real vocabulary and context length at toy width; SD v1.5's token ids unless overridden."""
+    settings: dict[str, object] = {
+        "vocab_size": 49408,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+    }
+    return CLIPTextConfig(**(settings | overrides))
+
+
+def _tiny_tokenizer(
+    directory: Path, subfolder: str = "tokenizer", pad_token: str = "<|endoftext|>"
+) -> CLIPTokenizer:
+    tokenizer_dir = directory / subfolder
     write_clip_tokenizer_files(tokenizer_dir)
-    tokenizer = CLIPTokenizer(
-        str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77
+    return CLIPTokenizer(
+        str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77,
+        pad_token=pad_token,
     )
-    # SD v1.5's scheduler configuration (scaled_linear 0.00085..0.012, leading spacing, offset 1).
-    scheduler = DDIMScheduler(
+
+
+def _sd_scheduler() -> DDIMScheduler:
+    """SD v1.5's (and SDXL's) scheduler configuration: scaled_linear 0.00085..0.012, leading spacing, offset 1,
+    and no alpha_bar = 1 at the end, so the last DDIM step keeps a density."""
+    return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -113,41 +200,38 @@ def _tiny_pipeline(directory: Path) -> StableDiffusionPipeline:
         steps_offset=1,
         timestep_spacing="leading",
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 def resolve_model_path(pretrained: str) -> str:
-    """``tiny-sd`` -> its cache folder (written once); anything else is a hub id or path, passed as is."""
-    if pretrained != TINY_MODEL_NAME:
+    """``tiny-sd`` / ``tiny-sdxl`` -> its cache folder (written once); anything else is a hub id or path,
+    passed as is."""
+    if pretrained not in TINY_MODELS:
         return pretrained
-    path = tiny_model_cache_dir()
+    path = tiny_model_cache_dir(pretrained)
     if not (path / "model_index.json").exists():
-        make_tiny_model(path)
+        make_tiny_model(path, sdxl=TINY_MODELS[pretrained])
     return str(path)
 
 
 def load_pipeline(
     pretrained: str, revision: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
-) -> StableDiffusionPipeline:
-    """Load an SD pipeline from a hub id or local folder, with a DDIM scheduler built from its own config."""
+) -> Pipeline:
+    """Load an SD v1.x or SDXL pipeline from a hub id or local folder, with a DDIM scheduler built from its own
+    config. The pipeline class comes from the model's model_index.json, so both families share one route."""
     path = resolve_model_path(pretrained)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, revision=revision, dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
+        class_name = DiffusionPipeline.load_config(path, revision=revision)["_class_name"]
+        if class_name not in PIPELINE_CLASSES:
+            raise ValueError(f"it is a {class_name}; supported: {', '.join(PIPELINE_CLASSES)}")
+        pipeline_class = PIPELINE_CLASSES[class_name]
+        # SD v1.x ships a safety checker that is not needed for training; SDXL has none
+        no_checker = {"safety_checker": None, "requires_safety_checker": False}
+        extra = no_checker if pipeline_class is StableDiffusionPipeline else {}
+        pipe = pipeline_class.from_pretrained(path, revision=revision, dtype=dtype, **extra)
     except (OSError, ValueError) as err:
         raise RuntimeError(
-            f"model.pretrained={pretrained!r}: could not load a Stable Diffusion pipeline ({err}). "
-            "Give a local diffusers folder, a hub id reachable from this machine, or 'tiny-sd'."
+            f"model.pretrained={pretrained!r}: could not load a Stable Diffusion (v1.x or XL) pipeline ({err}). "
+            f"Give a local diffusers folder, a hub id reachable from this machine, or {' or '.join(TINY_MODELS)}."
         ) from err
     # DDIM without sample clipping or thresholding: the step whose log-probability ddim.py computes
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
@@ -157,9 +241,9 @@ def load_pipeline(
             "TailorPO's DDIM log-probabilities support epsilon-prediction models (SD v1.x, SDXL)"
         )
     pipe.set_progress_bar_config(disable=True)
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    pipe.unet.requires_grad_(False)
+    for component in pipe.components.values():  # VAE, UNet and the one or two text encoders
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
     return pipe.to(device)
 
 

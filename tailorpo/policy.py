@@ -6,25 +6,38 @@ eps for the same (x_t, t, c). It counts UNet evaluations and VAE decodes per ima
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionXLPipeline
 
 from tailorpo.ddim import DDIMStep, LogProbReduction, ddim_mean, ddim_sigma, ddim_step, predict_x0, step_alphas
+from tailorpo.models import Pipeline
 
 
 @dataclass
 class PromptEmbeds:
+    """The conditioning of a batch of prompts, row i for prompt i. SDXL adds the second text encoder's pooled
+    projection and its size/crop micro-conditioning ids; for SD v1.x those stay None."""
+
     cond: torch.Tensor  # (B, L, D) text-encoder states of the prompts
     uncond: torch.Tensor  # (B, L, D) states of the empty prompt, for classifier-free guidance
+    pooled_cond: torch.Tensor | None = None  # (B, P) SDXL: text_encoder_2's pooled projection of the prompts
+    pooled_uncond: torch.Tensor | None = None  # (B, P) SDXL: the same for the empty prompt
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL: original size, crop top-left, target size
 
-    def index(self, rows: torch.Tensor) -> "PromptEmbeds":
-        return PromptEmbeds(self.cond[rows], self.uncond[rows])
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PromptEmbeds:
+        """``fn`` on every row-indexed tensor, so no field is forgotten by index or repeat."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PromptEmbeds(**{name: None if v is None else fn(v) for name, v in values.items()})
 
-    def repeat(self, times: int) -> "PromptEmbeds":
-        return PromptEmbeds(self.cond.repeat(times, 1, 1), self.uncond.repeat(times, 1, 1))
+    def index(self, rows: torch.Tensor) -> PromptEmbeds:
+        return self._map(lambda t: t[rows])
+
+    def repeat(self, times: int) -> PromptEmbeds:
+        return self._map(lambda t: t.repeat(times, *[1] * (t.dim() - 1)))
 
 
 def check_schedule(alphas: list[tuple[float, float]], eta: float) -> None:
@@ -49,7 +62,7 @@ class DiffusionPolicy:
 
     def __init__(
         self,
-        pipe: StableDiffusionPipeline,
+        pipe: Pipeline,
         num_steps: int = 20,
         eta: float = 1.0,
         guidance_scale: float = 5.0,
@@ -83,10 +96,19 @@ class DiffusionPolicy:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        cond, uncond = self.pipe.encode_prompt(
-            prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        """The pipeline's own prompt encoding, so the conditioning is the one it samples with (for SDXL this
+        includes zeros for the empty prompt when its config says force_zeros_for_empty_prompt)."""
+        encoded = self.pipe.encode_prompt(
+            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True
         )
-        return PromptEmbeds(cond, uncond)
+        if not isinstance(self.pipe, StableDiffusionXLPipeline):
+            return PromptEmbeds(*encoded)
+        cond, uncond, pooled_cond, pooled_uncond = encoded
+        # SDXL's micro-conditioning as its pipeline builds it by default (_get_add_time_ids): original size,
+        # crop top-left (0, 0), target size, each (height, width); the same for the empty prompt
+        size = (self.resolution, self.resolution)
+        time_ids = torch.tensor([size + (0, 0) + size], dtype=cond.dtype, device=self.device)
+        return PromptEmbeds(cond, uncond, pooled_cond, pooled_uncond, time_ids.repeat(len(prompts), 1))
 
     def noise(self, shape: tuple[int, ...] | torch.Size, generator: torch.Generator) -> torch.Tensor:
         """N(0, I) drawn from ``generator`` on its own device (CPU generators stay reproducible on any GPU)."""
@@ -96,22 +118,45 @@ class DiffusionPolicy:
         return self.noise((batch, *self.latent_shape), generator)
 
     def eps(self, x: torch.Tensor, step_index: int, embeds: PromptEmbeds) -> torch.Tensor:
-        """Classifier-free guided eps_theta(x_t, t, c) = eps_u + s (eps_c - eps_u), one batched UNet call."""
+        """Classifier-free guided eps_theta(x_t, t, c) = eps_u + s (eps_c - eps_u), one batched UNet call on the
+        rows [uncond; cond] (the order of diffusers' SD and SDXL pipelines)."""
         self.unet_evals += x.shape[0]
-        t = self.timesteps[step_index]
+        sdxl = embeds.time_ids is not None
+        out = self._unet_eps(
+            torch.cat([x, x]),
+            self.timesteps[step_index],
+            torch.cat([embeds.uncond, embeds.cond]),
+            torch.cat([embeds.pooled_uncond, embeds.pooled_cond]) if sdxl else None,
+            torch.cat([embeds.time_ids, embeds.time_ids]) if sdxl else None,
+        )
+        eps_uncond, eps_cond = out.chunk(2)
+        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+
+    def cond_eps(self, x: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        """Unguided eps_theta(x_t, t, c) with a timestep per row (B,): the noise prediction that the offline pair
+        objectives (Diffusion-DPO, MaPO, Diff-contrast) regress on, as diffusers' DPO training scripts do.
+        Not counted in ``unet_evals``, which counts guided predictions."""
+        return self._unet_eps(x, timesteps, embeds.cond, embeds.pooled_cond, embeds.time_ids)
+
+    def _unet_eps(
+        self,
+        x: torch.Tensor,
+        t: int | torch.Tensor,
+        states: torch.Tensor,
+        pooled: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One UNet call, (N, C, h, w) -> fp32 eps. SDXL's pooled text and size ids enter as added_cond_kwargs;
+        SD v1.x has none (None)."""
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         )
         dtype = self.unet.dtype  # bf16/fp16 base weights take inputs of their dtype; LoRA stays fp32
+        added = None if time_ids is None else {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
         with autocast:
-            out = self.unet(
-                torch.cat([x, x]).to(dtype),
-                t,
-                encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]).to(dtype),
-                return_dict=False,
+            return self.unet(
+                x.to(dtype), t, encoder_hidden_states=states.to(dtype), added_cond_kwargs=added, return_dict=False
             )[0].float()
-        eps_uncond, eps_cond = out.chunk(2)
-        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 
     def mean(self, step_index: int, eps: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(mu_theta(x_t), sigma_t) of step ``step_index``."""

@@ -23,11 +23,15 @@ def test_tiny_model_is_sd_shaped_and_loads_through_the_path_route(tmp_path):
     assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
-def test_tiny_model_is_deterministic(tmp_path):
-    a = load_pipeline(str(make_tiny_model(tmp_path / "a", seed=0)))
-    b = load_pipeline(str(make_tiny_model(tmp_path / "b", seed=0)))
-    for (name, pa), (_, pb) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
-        assert torch.equal(pa, pb), name
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_tiny_model_is_deterministic(tmp_path, sdxl):
+    a = load_pipeline(str(make_tiny_model(tmp_path / "a", seed=0, sdxl=sdxl)))
+    b = load_pipeline(str(make_tiny_model(tmp_path / "b", seed=0, sdxl=sdxl)))
+    for component, module in a.components.items():
+        if isinstance(module, torch.nn.Module):  # UNet, VAE and every text encoder
+            state_b = getattr(b, component).state_dict()
+            for name, pa in module.state_dict().items():
+                assert torch.equal(pa, state_b[name]), f"{component}.{name}"
 
 
 def test_missing_model_names_the_field(tmp_path):
