@@ -67,7 +67,10 @@ class DDPOConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    name: Literal["tailorpo", "tailorpo_g", "d3po", "ddpo"] = "tailorpo"
+    name: Literal["tailorpo", "tailorpo_g", "d3po", "ddpo", "diffusion_dpo", "mapo", "diff_contrast"] = Field(
+        "tailorpo", description="Online: tailorpo, tailorpo_g, d3po, ddpo. Offline, on pairs of final images "
+        "(see pairs): diffusion_dpo, mapo, diff_contrast."
+    )
     fine_tuned_steps: list[int] = Field(
         [20, 16, 12, 8, 4],
         description="Steps k (x_k -> x_{k-1}, k = T..1) that branch and train. D3PO and DDPO train on the same "
@@ -118,6 +121,14 @@ class LaunchedRewardServer(Section):
     weight: float = Field(1.0, description="Weight in the sum of all rewards.")
     host: str = Field("127.0.0.1", description="Bind address; samplers on other nodes need a reachable one.")
     resources: ActorResources = Field(ActorResources(), description="Where the server's owner actor is placed.")
+    tls_cert: str | None = Field(None, description="Server certificate (PEM) on the server's node; with tls_key.")
+    tls_key: str | None = Field(None, description="Its private key (PEM). Clients verify it with reward.tls_ca.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> LaunchedRewardServer:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key: give both (TLS) or neither (plaintext)")
+        return self
 
 
 class RewardConfig(Section):
@@ -129,7 +140,10 @@ class RewardConfig(Section):
         [], description="Reward servers the Ray job starts as actors (runtime.samplers > 0), added to servers."
     )
     timeout_s: float = Field(60.0, gt=0, description="Deadline of one Score call.")
-    retries: int = Field(5, ge=0, description="Retries (with backoff, next address) on UNAVAILABLE / busy.")
+    retries: int = Field(
+        8, ge=0, description="Retries on UNAVAILABLE / busy, each to the next address, backing off 0.2 s doubling "
+        "to 10 s (8: ~30 s, time for a launched server to restart)."
+    )
     token_env: str | None = Field(None, description="Environment variable holding the servers' bearer token.")
     tls_ca: str | None = Field(None, description="CA certificate (PEM) to verify TLS servers; null: plaintext.")
 
@@ -138,6 +152,15 @@ class EvalConfig(Section):
     prompts: list[str] = Field(["a cat", "a dog", "a horse", "a bird"], min_length=1)
     images_per_prompt: int = Field(2, ge=1)
     seed: int = 1234
+    every: int = Field(
+        0, ge=0, description="Also every N optimizer updates: eval reward to TensorBoard and an image grid in "
+        "output_dir/eval (0: only base vs trained at the end)."
+    )
+
+
+class LogConfig(Section):
+    wandb: bool = Field(False, description="Mirror scalars and grids to Weights & Biases (pip install wandb).")
+    wandb_project: str = "tailorpo"
 
 
 class TrainConfig(Section):
@@ -157,7 +180,59 @@ class RuntimeConfig(Section):
     )
     sampler: ActorResources = ActorResources()
     learner: ActorResources = ActorResources()
-    max_restarts: int = Field(3, ge=0, description="Restarts of a sampler actor that dies.")
+    max_restarts: int = Field(
+        3, ge=0, description="Restarts of a dying sampler or reward-server actor; also of the learner, which "
+        "restarts from its newest checkpoint (train.checkpoint_every)."
+    )
+    pipeline: bool = Field(
+        False, description="Samplers draw the next batch while the learner trains, with the LoRA one update "
+        "old: less sampler idle time, slightly off-policy data (default: on-policy, samplers wait)."
+    )
+
+
+PAIR_ALGORITHMS = ("diffusion_dpo", "mapo", "diff_contrast")  # train on pairs.source, not on own samples
+
+
+class MapoConfig(Section):
+    beta_mapo: float = Field(0.1, gt=0, description="Weight of the margin term (mapo-t2i/mapo args.py default 0.1).")
+    snr_value: float = Field(0.5, gt=0, description="s in g(e) = s e / (exp(s e) - 1) (public default 0.5).")
+
+
+class DiffContrastConfig(Section):
+    tau: float = Field(
+        0.01, gt=0, description="Temperature of the in-batch weights W: 0.01 for human-preference alignment on "
+        "SD1.5 (seed 003); 0.5-5 for style alignment."
+    )
+    clip_model: str = Field(
+        "openai/clip-vit-large-patch14",
+        description="transformers CLIPModel for f(y, x): hub id or local folder holding its tokenizer too.",
+    )
+    embedding_cache: str | None = Field(
+        None, description="Folder of safetensors shards with each pair's CLIP embeddings, keyed by source row, "
+        "so each pair is embedded once; null: output_dir/clip_embeddings."
+    )
+
+
+class PairsConfig(Section):
+    """The offline objectives' data and hyper-parameters. For them train.total_samples counts pairs trained on
+    (the data position a checkpoint stores), and reward is only the evaluation reward."""
+
+    source: str | None = Field(
+        None, description="Pair folder (pairs.jsonl), Pick-a-Pic-style .parquet file or folder of shards, or a "
+        "datasets hub id such as yuvalkirstain/pickapic_v2. Read again from the start after each pass."
+    )
+    split: str = Field("train", description="Split of a hub dataset.")
+    streaming: bool = Field(False, description="Stream a hub dataset (Pick-a-Pic v2 is hundreds of GB).")
+    on_error: Literal["skip", "raise"] = Field(
+        "skip", description="A bad row (undecodable image, missing field): skip and count it, or stop the run."
+    )
+    batch_size: int = Field(4, ge=1, description="Pairs per learner step; Diff-contrast's in-batch M.")
+    beta: float = Field(
+        2000.0, gt=0, description="Diffusion-DPO and Diff-contrast temperature. Default 2000, the papers' SD1.5 "
+        "value; use 5000 for SDXL."
+    )
+    mapo: MapoConfig = MapoConfig()
+    diff_contrast: DiffContrastConfig = DiffContrastConfig()
 
 
 class Config(Section):
@@ -173,6 +248,8 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    log: LogConfig = LogConfig()
+    pairs: PairsConfig = PairsConfig()
     prompts: list[str] = Field(SIMPLE_ANIMALS, min_length=1, description="Training prompts, drawn uniformly.")
 
     @model_validator(mode="after")
@@ -208,6 +285,14 @@ class Config(Section):
                 "sampling.batch_size: must be a multiple of algorithm.ddpo.samples_per_prompt "
                 f"({self.sampling.batch_size} vs {self.algorithm.ddpo.samples_per_prompt})"
             )
+        if self.algorithm.name in PAIR_ALGORITHMS and not self.pairs.source:
+            problems.append(
+                f"pairs.source: algorithm.name={self.algorithm.name!r} trains on pairs of final images; set "
+                "pairs.source to a pair folder, a .parquet file or folder, or a hub id (yuvalkirstain/pickapic_v2)"
+            )
+        if self.algorithm.name in PAIR_ALGORITHMS and self.runtime.samplers:
+            problems.append(f"runtime.samplers: algorithm.name={self.algorithm.name!r} reads its pairs in one "
+                            "process (there is nothing to sample); set runtime.samplers=0")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -5,19 +5,13 @@ The Ray runtime wraps the same pieces (policy, rollouts, learner); this loop is 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.utils import make_image_grid
-from PIL import Image
-from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from tailorpo.branching import tailorpo_rollout
 from tailorpo.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -29,6 +23,7 @@ from tailorpo.objectives import PerPromptStatTracker
 from tailorpo.policy import DiffusionPolicy
 from tailorpo.rewards import RewardModel, build_reward
 from tailorpo.rollouts import Rollout, d3po_rollout, ddpo_rollout, trajectory_rollout
+from tailorpo.run_log import EvalSnapshot, RunLog, RunSummary, image_grid
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -92,6 +87,20 @@ def build_reward_model(cfg: Config) -> RewardModel:
 def collect_rollout(
     cfg: Config, policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator
 ) -> Rollout:
+    """The configured algorithm's rollout, with the seconds it took and the part of them spent in reward calls."""
+    tick, calls, reward_seconds = time.perf_counter(), reward.calls, reward.seconds
+    rollout = _algorithm_rollout(cfg, policy, reward, prompts, generator)
+    rollout.stats |= {
+        "sample_time": time.perf_counter() - tick,
+        "reward_time": reward.seconds - reward_seconds,
+        "reward_calls": float(reward.calls - calls),
+    }
+    return rollout
+
+
+def _algorithm_rollout(
+    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator
+) -> Rollout:
     algo = cfg.algorithm
     if algo.name in ("tailorpo", "tailorpo_g"):
         eta = None
@@ -129,36 +138,6 @@ def evaluate(
     return images, reward.score(images, batch).scores
 
 
-def save_grid(rows: list[torch.Tensor], path: Path) -> None:
-    """One row per tensor of images (B, 3, H, W) in [0, 1]."""
-    pil = [
-        Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
-        for images in rows
-        for img in images
-    ]
-    make_image_grid(pil, rows=len(rows), cols=len(rows[0])).save(path)
-
-
-@dataclass
-class RunSummary:
-    algorithm: str
-    samples: int
-    updates: int
-    seconds: float
-    reward: str
-    eval_reward_base: float
-    eval_reward_trained: float
-    output_dir: str
-
-    def text(self) -> str:
-        gain = self.eval_reward_trained - self.eval_reward_base
-        return (
-            f"{self.algorithm}: {self.samples} samples, {self.updates} LoRA updates in {self.seconds:.1f}s\n"
-            f"eval {self.reward}: base {self.eval_reward_base:.4f} -> trained {self.eval_reward_trained:.4f} "
-            f"({gain:+.4f})\noutputs: {self.output_dir}"
-        )
-
-
 def rollout_generator(seed: int, iteration: int, slot: int) -> torch.Generator:
     """The noise of one rollout depends only on (seed, iteration, sampler slot), never on which process or
     node draws it: a run whose samplers live elsewhere reproduces the one-process run."""
@@ -181,32 +160,12 @@ def learn_from(cfg: Config, learner: Learner, tracker: PerPromptStatTracker, rol
     return stats
 
 
-class RunLog:
-    """TensorBoard scalars against the sample count, and the progress bar."""
-
-    def __init__(self, cfg: Config, out: Path, progress: bool, samples: int = 0) -> None:
-        self.writer = SummaryWriter(str(out / "tensorboard"))
-        self.bar = tqdm(total=cfg.train.total_samples, initial=samples, unit="img", desc=cfg.algorithm.name,
-                        disable=not progress)
-        self.samples = samples
-
-    def record(self, images: int, stats: dict[str, float]) -> None:
-        self.samples += images
-        for key, value in stats.items():
-            self.writer.add_scalar(f"train/{key}", value, self.samples)
-        self.bar.update(images)
-        self.bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}")
-
-    def close(self) -> None:
-        self.bar.close()
-        self.writer.close()
-
-
 def finish_run(
-    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, learner: Learner, samples: int, seconds: float
+    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, learner: Learner, samples: int, seconds: float,
+    figures: dict[str, float | None],
 ) -> RunSummary:
     """Apply pending gradients, save the LoRA, evaluate base vs trained on fixed seeds, write the grid and
-    the summary."""
+    the summary (``figures``: the run log's throughput totals)."""
     out = Path(cfg.output_dir)
     if learner.pending_iterations:
         learner.apply_gradients()
@@ -215,7 +174,7 @@ def finish_run(
     trained_images, trained_rewards = evaluate(policy, reward, *args)
     with reference_model(policy.unet):
         base_images, base_rewards = evaluate(policy, reward, *args)
-    save_grid([base_images, trained_images], out / "samples.png")
+    image_grid([base_images, trained_images]).save(out / "samples.png")
     summary = RunSummary(
         algorithm=cfg.algorithm.name,
         samples=samples,
@@ -225,8 +184,9 @@ def finish_run(
         eval_reward_base=float(base_rewards.mean()),
         eval_reward_trained=float(trained_rewards.mean()),
         output_dir=str(out),
+        **figures,
     )
-    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    summary.write(out / "summary.json")
     return summary
 
 
@@ -237,14 +197,28 @@ def prepare_output(cfg: Config) -> Path:
     return out
 
 
+def crossed(every: int, before: int, after: int) -> bool:
+    """Whether the optimizer steps of one iteration (``before`` -> ``after`` updates) passed a multiple of
+    ``every`` (0: never); checkpoints and evals are due on the updates, however many steps an iteration takes."""
+    return bool(every) and after // every > before // every
+
+
 def maybe_checkpoint(
     cfg: Config, learner: Learner, tracker: PerPromptStatTracker, progress: Progress, prompt_state: torch.Tensor,
     updates_before: int,
 ) -> None:
-    """Checkpoint when this iteration's optimizer steps crossed a multiple of ``train.checkpoint_every``."""
-    every = cfg.train.checkpoint_every
-    if every and learner.updates // every > updates_before // every and not learner.pending_iterations:
+    if crossed(cfg.train.checkpoint_every, updates_before, learner.updates) and not learner.pending_iterations:
         save_checkpoint(cfg.output_dir, learner, tracker, progress, prompt_state)
+
+
+def evaluate_if_due(
+    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, learner: Learner, updates_before: int
+) -> EvalSnapshot | None:
+    """The eval prompts with fixed noise every ``eval.every`` updates: the run's reward curve and image grids."""
+    if not crossed(cfg.eval.every, updates_before, learner.updates):
+        return None
+    images, rewards = evaluate(policy, reward, cfg.eval.prompts, cfg.eval.images_per_prompt, cfg.eval.seed)
+    return EvalSnapshot(learner.updates, rewards.cpu(), images.cpu())
 
 
 def resume_from(out: Path, learner: Learner, tracker: PerPromptStatTracker) -> tuple[Progress, torch.Tensor]:
@@ -276,11 +250,13 @@ def train(cfg: Config, progress: bool = True, resume: bool = False) -> RunSummar
         updates_before = learner.updates
         prompts = pick_prompts(cfg, prompt_generator)
         rollout = collect_rollout(cfg, policy, reward, prompts, rollout_generator(cfg.seed, state.iteration, 0))
-        stats = learn_from(cfg, learner, tracker, rollout)
-        log.record(len(rollout.images), stats | {"step_time": time.perf_counter() - tick})
+        log.record(len(rollout.images), learn_from(cfg, learner, tracker, rollout))
+        log.record_iteration(len(rollout.images), time.perf_counter() - tick)
         state = Progress(samples=log.samples, iteration=state.iteration + 1)
         maybe_checkpoint(cfg, learner, tracker, state, prompt_generator.get_state(), updates_before)
+        if snapshot := evaluate_if_due(cfg, policy, reward, learner, updates_before):
+            log.record_eval(snapshot)
         if cfg.train.save_every and state.iteration % cfg.train.save_every == 0:
             save_lora(policy.unet, out / "lora")
     log.close()
-    return finish_run(cfg, policy, reward, learner, log.samples, time.perf_counter() - start)
+    return finish_run(cfg, policy, reward, learner, log.samples, time.perf_counter() - start, log.figures())

@@ -24,6 +24,7 @@ from tailorpo.rewards.base import RewardModel, RewardOutput
 from tailorpo.rewards.grpc_client import GrpcReward, RewardServerError, WeightedSum
 from tailorpo.rewards.images import resize_and_center_crop
 from tailorpo.rewards.wire import tensor_to_proto
+from tests.conftest import self_signed_cert
 
 
 @contextmanager
@@ -307,38 +308,9 @@ def test_weighted_sum_of_rewards(colorfulness_server, jpeg_server):
     assert not total.differentiable
 
 
-def _self_signed(tmp_path, name: str) -> tuple[str, str]:
-    """A self-signed certificate for localhost / 127.0.0.1 (cert path, key path)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_path), str(key_path)
-
-
 def test_tls(tmp_path):
-    cert, key = _self_signed(tmp_path, "server")
-    other_ca, _ = _self_signed(tmp_path, "other")
+    cert, key = self_signed_cert(tmp_path, "server")
+    other_ca, _ = self_signed_cert(tmp_path, "other")
     with reward_server("jpeg", "--tls-cert", cert, "--tls-key", key) as (address, _):
         assert GrpcReward([address], tls_ca=cert).score(images(1), ["a"]).scores.shape == (1,)
         with pytest.raises(RewardServerError, match="unreachable"):

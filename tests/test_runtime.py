@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
 import pytest
 import ray
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tailorpo.config import ConfigError, load_config
 from tailorpo.runtime.driver import train_on_ray
@@ -132,39 +140,85 @@ def test_resume_on_ray_continues_the_run_exactly(tmp_path, local_ray):
     assert_same_lora(tmp_path / "local", tmp_path / "ray")
 
 
-def test_a_killed_sampler_is_restarted_and_its_rollout_redrawn(tmp_path, local_ray):
-    """kill a sampler actor mid-run: Ray restarts it, the driver redraws the lost rollout from the same
-    noise stream, the ledger lists every sample exactly once, and the LoRA equals an undisturbed run."""
-    import json
-    import threading
-    import time
+def ledger_ids(out) -> list[str]:
+    return [i for line in (out / "ledger.jsonl").read_text().splitlines() for i in json.loads(line)["samples"]]
 
-    from tailorpo.runtime.driver import SAMPLER_NAME
 
-    def run(name: str):
-        overrides = ["train.total_samples=12", "eval.images_per_prompt=1", "runtime.samplers=1",
-                     f"output_dir={tmp_path / name}"]
-        return train_on_ray(load_config("launch/tiny.yaml", overrides), progress=False)
+def when_ledger_has(out, steps: list[tuple[int, Callable[[], None]]]) -> threading.Thread:
+    """A thread that runs each action once the run's ledger has that many updates (the run is under way)."""
 
-    killed = threading.Event()
+    def run() -> None:
+        for lines, action in steps:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                ledger = out / "ledger.jsonl"
+                if ledger.exists() and len(ledger.read_text().splitlines()) >= lines:
+                    break
+                time.sleep(0.05)
+            action()
 
-    def kill_soon() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (tmp_path / "faulty" / "ledger.jsonl").exists():
-            time.sleep(0.1)  # the first update is done: the run is under way
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_killed_sampler_reward_server_and_learner_lose_and_repeat_nothing(tmp_path, local_ray):
+    """One run, three faults: a sampler actor killed (Ray restarts it, its rollout is redrawn from the same
+    noise stream), the launched reward server's process killed with SIGKILL (its owner restarts it on the same
+    port; the samplers' calls in flight are retried), and the learner actor killed for good (the driver starts
+    a new one from the newest checkpoint and replays the updates after it). The ledger lists every sample
+    exactly once and the LoRA equals an undisturbed run's."""
+    from tailorpo.runtime.driver import LEARNER_NAME, REWARD_NAME, SAMPLER_NAME
+
+    faults: list[str] = []
+
+    def kill_sampler() -> None:
         ray.kill(ray.get_actor(f"{SAMPLER_NAME}-0"), no_restart=False)
-        killed.set()
+        faults.append("sampler")
 
-    killer = threading.Thread(target=kill_soon)
-    killer.start()
-    summary = run("faulty")
+    def kill_reward_server() -> None:
+        owner = ray.get_actor(f"{REWARD_NAME}-0")
+        pid = ray.get(owner.pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while ray.get(owner.pid.remote()) == pid and time.monotonic() < deadline:
+            time.sleep(0.1)
+        faults.append("reward server" if ray.get(owner.pid.remote()) != pid else "reward server not restarted")
+
+    def kill_learner() -> None:
+        ray.kill(ray.get_actor(LEARNER_NAME), no_restart=True)
+        faults.append("learner")
+
+    run = ["train.total_samples=12", "eval.images_per_prompt=1", "runtime.samplers=1"]
+    faulty = tmp_path / "faulty"
+    killer = when_ledger_has(faulty, [(1, kill_sampler), (3, kill_reward_server), (4, kill_learner)])
+    overrides = [*run, "train.checkpoint_every=2", "reward.launch=[{name: jpeg, resources: {num_cpus: 0}}]",
+                 f"output_dir={faulty}"]
+    summary = train_on_ray(load_config("launch/tiny.yaml", overrides), progress=False)
     killer.join()
-    assert killed.is_set() and summary.samples == 12
-    entries = [json.loads(line) for line in (tmp_path / "faulty" / "ledger.jsonl").read_text().splitlines()]
-    ids = [i for e in entries for i in e["samples"]]
-    assert sorted(ids) == sorted(f"{it}:0:{row}" for it in range(6) for row in range(2))  # once each
-    run("clean")
-    assert_same_lora(tmp_path / "clean", tmp_path / "faulty")
+    assert faults == ["sampler", "reward server", "learner"]
+    assert summary.samples == 12 and summary.updates == 6
+    assert sorted(ledger_ids(faulty)) == sorted(f"{it}:0:{row}" for it in range(6) for row in range(2))
+    train_on_ray(load_config("launch/tiny.yaml", [*run, f"output_dir={tmp_path / 'clean'}"]), progress=False)
+    assert_same_lora(tmp_path / "clean", faulty)  # in-process JPEG: the wire changes no score
+
+
+def test_pipelined_samplers_draw_one_version_stale(tmp_path, local_ray):
+    """runtime.pipeline: each batch after the first is drawn with the LoRA the learner is updating (lag 1),
+    so the result differs from the on-policy run but is still reproducible; the idle fraction is logged."""
+    run = ["train.total_samples=6", "eval.images_per_prompt=1", "runtime.samplers=1"]
+    lags = {}
+    for name, pipeline in (("a", True), ("b", True), ("on_policy", False)):
+        cfg = load_config("launch/tiny.yaml", [*run, f"runtime.pipeline={pipeline}", f"output_dir={tmp_path / name}"])
+        summary = train_on_ray(cfg, progress=False)
+        events = EventAccumulator(str(tmp_path / name / "tensorboard")).Reload()
+        lags[name] = [e.value for e in events.Scalars("train/policy_lag")]
+        assert len(events.Scalars("perf/sampler_idle_fraction")) == 3
+        assert summary.sampler_idle_fraction is not None and 0 <= summary.sampler_idle_fraction < 1
+    assert lags == {"a": [0, 1, 1], "b": [0, 1, 1], "on_policy": [0, 0, 0]}
+    assert_same_lora(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(AssertionError):
+        assert_same_lora(tmp_path / "a", tmp_path / "on_policy")
 
 
 def test_reward_servers_launched_by_the_job(tmp_path, local_ray):

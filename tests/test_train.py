@@ -15,20 +15,29 @@ JPEG_MARGIN_KB = 0.05
 
 @pytest.mark.slow
 def test_tailorpo_raises_jpeg_compressibility_and_writes_outputs(tmp_path):
-    cfg = load_config("launch/tiny.yaml", [f"output_dir={tmp_path}"])
+    cfg = load_config("launch/tiny.yaml", [f"output_dir={tmp_path}", "eval.every=16"])
     summary = train(cfg, progress=False)
     # the same eval seeds through the base model (adapter off) and the trained LoRA
     assert summary.eval_reward_trained - summary.eval_reward_base > JPEG_MARGIN_KB, summary.text()
     assert summary.samples == 64 and summary.updates == 32
 
-    for name in ("lora/pytorch_lora_weights.safetensors", "samples.png", "config.yaml", "summary.json"):
+    for name in ("lora/pytorch_lora_weights.safetensors", "samples.png", "config.yaml", "summary.json",
+                 "eval/samples-000016.png", "eval/samples-000032.png"):
         assert (tmp_path / name).exists(), name
     assert load_config(tmp_path / "config.yaml") == cfg
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     scalars = set(events.Tags()["scalars"])
-    for tag in ("reward_mean", "reward_std", "loss", "preference_accuracy", "step_time"):
-        assert f"train/{tag}" in scalars, tag
+    for tag in ("train/reward_mean", "train/reward_std", "train/loss", "train/preference_accuracy",
+                "train/sample_time", "train/reward_latency", "perf/samples_per_second"):
+        assert tag in scalars, tag
     assert len(events.Scalars("train/loss")) == 32
+    # the periodic eval on fixed noise ends where the final eval does
+    assert [e.step for e in events.Scalars("eval/reward_mean")] == [32, 64]
+    assert events.Scalars("eval/reward_mean")[-1].value == pytest.approx(summary.eval_reward_trained, abs=1e-6)
+    assert len(events.Images("eval/samples")) == 2
+    # throughput figures: reward calls are a real but minor share of sampling on the tiny model
+    assert summary.samples_per_second > 0 and summary.sampler_idle_fraction is None
+    assert 0 < summary.reward_time_fraction < 0.5 and summary.reward_latency_s > 0
 
     # the saved LoRA loads into a fresh pipeline and changes its output
     def sample(pipe):

@@ -7,6 +7,7 @@ its reward runs. ``differentiable_reward`` wraps any of them as an autograd op f
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -40,12 +41,18 @@ def validate_reward_input(images: torch.Tensor, prompts: list[str]) -> None:
 class RewardModel(ABC):
     name: str
     differentiable: bool = False
+    calls: int = 0  # score calls so far, and the wall time they took: the run log's reward latency
+    seconds: float = 0.0
 
     def score(self, images: torch.Tensor, prompts: list[str], want_grad: bool = False) -> RewardOutput:
         validate_reward_input(images, prompts)
         if want_grad and not self.differentiable:
             raise RewardInputError(f"reward {self.name!r} is not differentiable; it cannot return a gradient")
-        return self._score(images.detach().float(), prompts, want_grad)
+        tick = time.perf_counter()
+        out = self._score(images.detach().float(), prompts, want_grad)
+        self.calls += 1
+        self.seconds += time.perf_counter() - tick
+        return out
 
     @abstractmethod
     def _score(self, images: torch.Tensor, prompts: list[str], want_grad: bool) -> RewardOutput: ...

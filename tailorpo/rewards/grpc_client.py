@@ -29,6 +29,11 @@ from tailorpo.rewards.wire import PROTOCOL_VERSION, WireError, tensor_from_proto
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 MAX_MESSAGE_BYTES = 256 * 2**20
+MAX_BACKOFF_S = 10.0
+# gRPC's own reconnect backoff grows to 120 s by default: a restarted server would sit unused that long
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class RewardServerError(RuntimeError):
@@ -55,13 +60,11 @@ class GrpcReward(RewardModel):
         self.backoff_s = backoff_s
         self.wire_dtype = wire_dtype
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         if tls_ca:
             credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
-            self._channels = [grpc.secure_channel(a, credentials, options) for a in self.addresses]
+            self._channels = [grpc.secure_channel(a, credentials, CHANNEL_OPTIONS) for a in self.addresses]
         else:
-            self._channels = [grpc.insecure_channel(a, options) for a in self.addresses]
+            self._channels = [grpc.insecure_channel(a, CHANNEL_OPTIONS) for a in self.addresses]
         self._stubs = [reward_pb2_grpc.RewardServiceStub(c) for c in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))
         self._lock = threading.Lock()
@@ -116,7 +119,7 @@ class GrpcReward(RewardModel):
         last_error = None
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+                time.sleep(min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S) * random.uniform(0.5, 1.5))
             with self._lock:
                 index = next(self._next)
             address = self.addresses[index]

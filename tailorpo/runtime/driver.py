@@ -4,22 +4,38 @@ Per iteration: every sampler actor draws one rollout (its own prompts, the curre
 stream of (seed, iteration, slot)); the learner trains on them in slot order and publishes the new LoRA
 weights to the object store, from where the samplers fetch them. Rollouts and weights travel sampler ->
 learner -> sampler through the object store; the driver only passes references and logs.
+
+With ``runtime.pipeline`` the samplers start the next batch as soon as the learner has this one, with the
+LoRA the learner is updating (one version stale), so they do not idle while it trains.
+
+Faults: a sampler that dies is restarted by Ray and its rollout redrawn from the same noise stream; a learner
+that dies is replaced by a new one restored from the newest checkpoint, and the iterations after it are
+replayed. Either way ``ledger.jsonl`` lists each sample once.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import torch
 
 from tailorpo.checkpoint import Progress
 from tailorpo.config import ActorResources, Config, ConfigError, RewardServerConfig
+from tailorpo.run_log import RunLog, RunSummary
 from tailorpo.runtime.reward_actors import RewardServerOwner
 from tailorpo.runtime.workers import LearnerWorker, SamplerWorker
-from tailorpo.trainer import RunLog, RunSummary, pick_prompts, prepare_output
+from tailorpo.trainer import pick_prompts, prepare_output
 
 SAMPLER_NAME = "tailorpo-sampler"
+LEARNER_NAME = "tailorpo-learner"
+REWARD_NAME = "tailorpo-reward"
+
+
+class LearnerDied(RuntimeError):
+    """The learner actor is gone; the driver replaces it from the newest checkpoint."""
 
 
 def actor_options(resources: ActorResources) -> dict:
@@ -57,20 +73,19 @@ def train_on_ray(cfg: Config, progress: bool = True, resume: bool = False) -> Ru
         ray.init(address=cfg.runtime.address, include_dashboard=False, log_to_driver=False)
     check_cluster_fits(cfg)
     owners, cfg = launch_reward_servers(cfg)
-    payload = cfg.model_dump(mode="json")
-    learner = ray.remote(LearnerWorker).options(**actor_options(cfg.runtime.learner)).remote(payload)
     samplers = [
         ray.remote(SamplerWorker)
         .options(**actor_options(cfg.runtime.sampler), max_restarts=cfg.runtime.max_restarts,
                  name=f"{SAMPLER_NAME}-{slot}")
-        .remote(payload)
+        .remote(cfg.model_dump(mode="json"))
         for slot in range(cfg.runtime.samplers)
     ]
+    driver = Driver(cfg, samplers, out, progress)
     try:
-        return _drive(cfg, learner, samplers, out, progress, resume, start)
+        return driver.run(resume, start)
     finally:
         ray.get([owner.stop.remote() for owner in owners])
-        for actor in [learner, *samplers, *owners]:
+        for actor in [driver.learner, *samplers, *owners]:
             ray.kill(actor)
 
 
@@ -80,57 +95,141 @@ def launch_reward_servers(cfg: Config) -> tuple[list, Config]:
     if not cfg.reward.launch:
         return [], cfg
     owners = [
-        ray.remote(RewardServerOwner).options(**actor_options(spec.resources), max_restarts=cfg.runtime.max_restarts)
-        .remote(spec.model_dump(mode="json"))
-        for spec in cfg.reward.launch
+        ray.remote(RewardServerOwner)
+        .options(**actor_options(spec.resources), max_restarts=cfg.runtime.max_restarts, name=f"{REWARD_NAME}-{i}")
+        .remote(spec.model_dump(mode="json"), cfg.reward.token_env, cfg.reward.tls_ca)
+        for i, spec in enumerate(cfg.reward.launch)
     ]
     addresses = ray.get([owner.address.remote() for owner in owners])
     if not all(ray.get([owner.serving.remote() for owner in owners])):
         raise RuntimeError(f"reward.launch: a server at {addresses} does not report SERVING")
     servers = [*cfg.reward.servers] + [
-        RewardServerConfig(addresses=[address], weight=spec.weight) for address, spec in zip(addresses, cfg.reward.launch)
+        RewardServerConfig(addresses=[address], weight=spec.weight)
+        for address, spec in zip(addresses, cfg.reward.launch, strict=True)
     ]
     reward = cfg.reward.model_copy(update={"servers": servers, "launch": []})
     return owners, cfg.model_copy(update={"reward": reward})
 
 
-def draw_rollouts(
-    cfg: Config, samplers: list, lora: ray.ObjectRef, version: int, prompts: list[list[str]], iteration: int
-) -> list[ray.ObjectRef]:
-    """One rollout per sampler. A sampler that dies mid-rollout is restarted by Ray (``max_restarts``) and
-    its rollout redrawn from the same (seed, iteration, slot) noise stream: the same samples, none lost and
-    none counted twice."""
-    refs = [s.sample.remote(lora, version, prompts[slot], iteration, slot) for slot, s in enumerate(samplers)]
-    for slot, sampler in enumerate(samplers):
-        for attempt in range(cfg.runtime.max_restarts + 1):
+@dataclass
+class Batch:
+    """One iteration's rollouts in flight: per sampler slot a ref to its summary and one to its rollout."""
+
+    iteration: int
+    prompts: list[list[str]]
+    lora: ray.ObjectRef
+    version: int
+    summaries: list[ray.ObjectRef]
+    rollouts: list[ray.ObjectRef]
+
+
+class Driver:
+    """Owns the loop, the prompt stream and the log; holds the actors' handles, never their data."""
+
+    def __init__(self, cfg: Config, samplers: list, out: Path, progress: bool) -> None:
+        self.cfg = cfg
+        self.samplers = samplers
+        self.out = out
+        self.progress = progress
+        self.learner = self._start_learner()
+        self.version = 0  # LoRA publications so far; never rewinds, so a sampler never keeps a stale copy
+
+    def _start_learner(self):
+        return (ray.remote(LearnerWorker).options(**actor_options(self.cfg.runtime.learner), name=LEARNER_NAME)
+                .remote(self.cfg.model_dump(mode="json")))
+
+    def _get(self, ref):
+        """A learner result; its death becomes ``LearnerDied``."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            raise LearnerDied(str(err)) from err
+
+    def run(self, resume: bool, start: float) -> RunSummary:
+        """The training loop, restarted from the newest checkpoint each time the learner dies (up to
+        ``runtime.max_restarts`` times)."""
+        restarts = 0
+        while True:
             try:
-                ray.get(refs[slot])
-                break
-            except ray.exceptions.RayActorError:
-                if attempt == cfg.runtime.max_restarts:
-                    raise
-                refs[slot] = sampler.sample.remote(lora, version, prompts[slot], iteration, slot)
-    return refs
+                return self._run(resume, start, fresh_if_none=restarts > 0)
+            except LearnerDied as err:
+                restarts += 1
+                if restarts > self.cfg.runtime.max_restarts:
+                    raise RuntimeError(f"the learner died {restarts} times (runtime.max_restarts): {err}") from err
+                ray.kill(self.learner)
+                self.learner = self._start_learner()
+                resume = True
 
+    def _next_version(self) -> int:
+        self.version += 1
+        return self.version
 
-def _drive(cfg: Config, learner, samplers: list, out, progress: bool, resume: bool, start: float) -> RunSummary:
-    prompt_generator = torch.Generator().manual_seed(cfg.seed)
-    state = Progress(samples=0, iteration=0)
-    if resume:
-        state, prompt_state = ray.get(learner.resume.remote())
-        prompt_generator.set_state(prompt_state)
-    lora = learner.lora_state.remote()
-    version = state.iteration
-    log = RunLog(cfg, out, progress, state.samples)
-    while state.samples < cfg.train.total_samples:
-        tick = time.perf_counter()
-        prompts = [pick_prompts(cfg, prompt_generator) for _ in samplers]
-        rollouts = draw_rollouts(cfg, samplers, lora, version, prompts, state.iteration)
-        results, lora = learner.train.options(num_returns=2).remote(*rollouts)
-        version += 1
-        for images, stats in ray.get(results):
-            log.record(images, stats | {"step_time": time.perf_counter() - tick})
-        state = Progress(samples=log.samples, iteration=state.iteration + 1)
-        learner.checkpoint_if_due.remote(state, prompt_generator.get_state())
-    log.close()
-    return ray.get(learner.finish.remote(log.samples, time.perf_counter() - start))
+    def submit(self, lora: ray.ObjectRef, version: int, prompt_generator: torch.Generator, iteration: int) -> Batch:
+        prompts = [pick_prompts(self.cfg, prompt_generator) for _ in self.samplers]
+        batch = Batch(iteration, prompts, lora, version, [], [])
+        for slot in range(len(self.samplers)):
+            summary, rollout = self._draw(batch, slot)
+            batch.summaries.append(summary)
+            batch.rollouts.append(rollout)
+        return batch
+
+    def _draw(self, batch: Batch, slot: int) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+        return self.samplers[slot].sample.options(num_returns=2).remote(
+            batch.lora, batch.version, batch.prompts[slot], batch.iteration, slot
+        )
+
+    def collect(self, batch: Batch) -> list[dict[str, float]]:
+        """Wait for every rollout of the batch (without fetching it). A sampler that dies mid-rollout is
+        restarted by Ray (``max_restarts``) and the rollout redrawn from the same (seed, iteration, slot)
+        noise stream: the same samples, none lost and none counted twice."""
+        summaries = []
+        for slot in range(len(self.samplers)):
+            for attempt in range(self.cfg.runtime.max_restarts + 1):
+                try:
+                    summaries.append(ray.get(batch.summaries[slot]))
+                    break
+                except ray.exceptions.RayActorError:
+                    if attempt == self.cfg.runtime.max_restarts:
+                        raise
+                    batch.summaries[slot], batch.rollouts[slot] = self._draw(batch, slot)
+        return summaries
+
+    def _run(self, resume: bool, start: float, fresh_if_none: bool) -> RunSummary:
+        cfg, learner = self.cfg, self.learner
+        prompt_generator = torch.Generator().manual_seed(cfg.seed)
+        state = Progress(samples=0, iteration=0)
+        if resume:
+            state, prompt_state = self._get(learner.resume.remote(fresh_if_none))
+            if prompt_state is not None:
+                prompt_generator.set_state(prompt_state)
+        lora, version = learner.lora_state.remote(), self._next_version()
+        log = RunLog(cfg, self.out, self.progress, state.samples)
+        try:
+            batch = self.submit(lora, version, prompt_generator, state.iteration)
+            tick = time.perf_counter()
+            while batch is not None:
+                summaries = self.collect(batch)
+                results, new_lora = learner.train.options(num_returns=2).remote(*batch.rollouts)
+                lag = float(self.version - batch.version)  # updates between drawing and training: 0 on-policy
+                images = sum(s["images"] for s in summaries)
+                state = Progress(samples=state.samples + images, iteration=batch.iteration + 1)
+                checkpoint = learner.checkpoint_if_due.remote(state, prompt_generator.get_state())
+                snapshot = learner.evaluate_if_due.remote()
+                more = state.samples < cfg.train.total_samples
+                batch = None
+                if cfg.runtime.pipeline and more:  # drawn while the learner trains: one version stale
+                    batch = self.submit(lora, version, prompt_generator, state.iteration)
+                lora, version = new_lora, self._next_version()
+                for rollout_images, stats in self._get(results):
+                    log.record(rollout_images, stats | {"policy_lag": lag})
+                self._get(checkpoint)  # a failed write (disk full) stops the run with its cause
+                if snapshot := self._get(snapshot):
+                    log.record_eval(snapshot)
+                now = time.perf_counter()
+                log.record_iteration(images, now - tick, [s["sample_time"] for s in summaries])
+                tick = now
+                if batch is None and more:
+                    batch = self.submit(lora, version, prompt_generator, state.iteration)
+        finally:
+            log.close()
+        return self._get(learner.finish.remote(log.samples, time.perf_counter() - start, log.figures()))

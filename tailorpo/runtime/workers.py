@@ -8,23 +8,25 @@ optimizer and the DDPO statistics, and evaluates and saves at the end.
 from __future__ import annotations
 
 import json
-import time
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from tailorpo.checkpoint import Progress
+from tailorpo.checkpoint import Progress, latest_checkpoint
 from tailorpo.config import Config
 from tailorpo.learner import Learner
 from tailorpo.objectives import PerPromptStatTracker
+from tailorpo.rewards import RewardModel
 from tailorpo.rollouts import Rollout, map_tensors
+from tailorpo.run_log import EvalSnapshot, RunSummary
 from tailorpo.trainer import (
-    RunSummary,
     build_policy,
     build_reward_model,
     collect_rollout,
+    evaluate_if_due,
     finish_run,
     learn_from,
     maybe_checkpoint,
@@ -43,6 +45,14 @@ def rollout_to(rollout: Rollout, device: torch.device | str) -> Rollout:
     return replace(rollout, images=rollout.images.to(device), rewards=rollout.rewards.to(device), data=data)
 
 
+def _ledger_entry(line: str) -> dict | None:
+    """A ledger line, or None for the torn last line of a learner killed mid-write."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 class SamplerWorker:
     def __init__(self, cfg: dict) -> None:
         self.cfg = Config.model_validate(cfg)
@@ -56,16 +66,18 @@ class SamplerWorker:
             set_peft_model_state_dict(self.policy.unet, state)
             self.version = version
 
-    def sample(self, state: LoraState, version: int, prompts: list[str], iteration: int, slot: int) -> Rollout:
-        """A rollout with the LoRA of ``version``, drawn from the (seed, iteration, slot) noise stream."""
+    def sample(
+        self, state: LoraState, version: int, prompts: list[str], iteration: int, slot: int
+    ) -> tuple[dict[str, float], Rollout]:
+        """A rollout with the LoRA of ``version``, drawn from the (seed, iteration, slot) noise stream, and
+        its small summary (images, seconds) that the driver reads without fetching the rollout."""
         self.load_lora(state, version)
-        tick = time.perf_counter()
         rollout = collect_rollout(
             self.cfg, self.policy, self.reward, prompts, rollout_generator(self.cfg.seed, iteration, slot)
         )
-        rollout.stats |= {"policy_version": float(version), "sample_time": time.perf_counter() - tick}
+        rollout.stats["policy_version"] = float(version)
         rollout.sample_ids = [f"{iteration}:{slot}:{row}" for row in range(len(rollout.images))]
-        return rollout_to(rollout, "cpu")
+        return {"images": len(rollout.images), "sample_time": rollout.stats["sample_time"]}, rollout_to(rollout, "cpu")
 
 
 class LearnerWorker:
@@ -77,12 +89,33 @@ class LearnerWorker:
         ddpo = self.cfg.algorithm.ddpo
         self.tracker = PerPromptStatTracker(ddpo.stat_buffer_size, ddpo.stat_min_count)
         self.updates_before = 0
+        self.ledger = Path(self.cfg.output_dir) / "ledger.jsonl"
+        self._reward: RewardModel | None = None
+
+    @property
+    def reward(self) -> RewardModel:
+        """A reward client for evaluation, opened on first use (the learner does not score during training)."""
+        if self._reward is None:
+            self._reward = build_reward_model(self.cfg)
+        return self._reward
 
     def lora_state(self) -> LoraState:
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.policy.unet).items()}
 
-    def resume(self) -> tuple[Progress, torch.Tensor]:
-        return resume_from(Path(self.cfg.output_dir), self.learner, self.tracker)
+    def resume(self, fresh_if_none: bool = False) -> tuple[Progress, torch.Tensor | None]:
+        """Load the newest checkpoint (or, with ``fresh_if_none`` and no checkpoint yet, keep the fresh state)
+        and cut the ledger back to it: the updates after it are replayed, so they must not count twice."""
+        if fresh_if_none and latest_checkpoint(self.cfg.output_dir) is None:
+            progress, prompt_state = Progress(samples=0, iteration=0), None
+        else:
+            progress, prompt_state = resume_from(Path(self.cfg.output_dir), self.learner, self.tracker)
+        if self.ledger.exists():
+            kept = [line for line in self.ledger.read_text().splitlines()
+                    if (entry := _ledger_entry(line)) and entry["updates"] <= self.learner.updates]
+            tmp = self.ledger.with_suffix(".tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, self.ledger)
+        return progress, prompt_state
 
     def checkpoint_if_due(self, progress: Progress, prompt_state: torch.Tensor) -> None:
         maybe_checkpoint(self.cfg, self.learner, self.tracker, progress, prompt_state, self.updates_before)
@@ -95,10 +128,13 @@ class LearnerWorker:
             (len(r.images), learn_from(self.cfg, self.learner, self.tracker, rollout_to(r, self.policy.device)))
             for r in rollouts
         ]
-        with open(Path(self.cfg.output_dir) / "ledger.jsonl", "a") as ledger:  # which samples each update saw
+        with open(self.ledger, "a") as ledger:  # which samples each update saw
             ids = [i for r in rollouts for i in r.sample_ids]
             ledger.write(json.dumps({"updates": self.learner.updates, "samples": ids}) + "\n")
         return results, self.lora_state()
 
-    def finish(self, samples: int, seconds: float) -> RunSummary:
-        return finish_run(self.cfg, self.policy, build_reward_model(self.cfg), self.learner, samples, seconds)
+    def evaluate_if_due(self) -> EvalSnapshot | None:
+        return evaluate_if_due(self.cfg, self.policy, self.reward, self.learner, self.updates_before)
+
+    def finish(self, samples: int, seconds: float, figures: dict[str, float | None]) -> RunSummary:
+        return finish_run(self.cfg, self.policy, self.reward, self.learner, samples, seconds, figures)
