@@ -57,6 +57,8 @@ class RunSummary:
     reward_latency_s: float = 0.0  # per reward call, as the samplers saw it
     reward_time_fraction: float = 0.0  # share of sampling time spent waiting for rewards
     sampler_idle_fraction: float | None = None  # Ray runs only
+    sample_seconds_per_rollout: float = 0.0  # one sampler drawing one rollout
+    train_seconds_per_rollout: float = 0.0  # the learner training on one: a learner feeds ~sample/train samplers
     train_reward_start: float = 0.0  # mean training reward over the first tenth of the run's rollouts
     train_reward_end: float = 0.0  # ... and over the last tenth
 
@@ -66,6 +68,8 @@ class RunSummary:
         return (
             f"{self.algorithm}: {self.samples} samples, {self.updates} LoRA updates in {self.seconds:.1f}s "
             f"({self.samples_per_second:.2f} samples/s{idle})\n"
+            f"per rollout: sampling {self.sample_seconds_per_rollout:.2f}s, "
+            f"training {self.train_seconds_per_rollout:.2f}s\n"
             f"reward calls: {self.reward_latency_s * 1000:.1f} ms each, {self.reward_time_fraction:.0%} of sampling\n"
             f"train {self.reward}: {self.train_reward_start:.4f} (first tenth) -> {self.train_reward_end:.4f} "
             f"(last tenth)\n"
@@ -102,7 +106,7 @@ class RunLog:
         self.samples = self.first_sample = samples
         self.started = time.perf_counter()
         self.rollout_rewards: list[float] = []
-        self.sample_seconds = self.reward_seconds = self.reward_calls = self.sampler_seconds = 0.0
+        self.sample_seconds = self.train_seconds = self.reward_seconds = self.reward_calls = self.sampler_seconds = 0.0
 
     def _log(self, scalars: dict[str, float]) -> None:
         for key, value in scalars.items():
@@ -115,6 +119,7 @@ class RunLog:
         self.samples += images
         self.rollout_rewards.append(stats["reward_mean"])
         self.sample_seconds += stats.get("sample_time", 0.0)
+        self.train_seconds += stats.get("train_time", 0.0)
         self.reward_seconds += stats.get("reward_time", 0.0)
         self.reward_calls += stats.get("reward_calls", 0.0)
         scalars = {f"train/{key}": value for key, value in stats.items()}
@@ -156,6 +161,8 @@ class RunLog:
             "reward_latency_s": self.reward_seconds / self.reward_calls if self.reward_calls else 0.0,
             "reward_time_fraction": self.reward_seconds / busy if busy else 0.0,
             "sampler_idle_fraction": max(0.0, 1 - busy / self.sampler_seconds) if self.sampler_seconds else None,
+            "sample_seconds_per_rollout": busy / max(1, len(self.rollout_rewards)),
+            "train_seconds_per_rollout": self.train_seconds / max(1, len(self.rollout_rewards)),
             "train_reward_start": float(np.mean(rewards[:tenth])),
             "train_reward_end": float(np.mean(rewards[-tenth:])),
         }

@@ -154,7 +154,9 @@ def learn_from(cfg: Config, learner: Learner, tracker: PerPromptStatTracker, rol
     """One rollout into the learner (DDPO advantages first); returns the scalars to log."""
     if cfg.algorithm.name == "ddpo":
         assign_advantages(rollout, tracker, cfg.algorithm.ddpo.adv_clip)
+    tick = time.perf_counter()
     stats = learner.train_on(rollout) | rollout.stats
+    stats["train_time"] = time.perf_counter() - tick
     stats["reward_mean"] = float(rollout.rewards.mean())
     stats["reward_std"] = float(rollout.rewards.std(unbiased=False))
     return stats

@@ -69,3 +69,17 @@ def test_every_algorithm_trains_its_lora(tmp_path, overrides):
     losses = [e.value for e in events.Scalars("train/loss")]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert summary.eval_reward_trained != summary.eval_reward_base  # the LoRA moved the samples
+
+
+@pytest.mark.slow
+def test_weights_and_biases_mirror_offline(tmp_path, monkeypatch):
+    """log.wandb: scalars and eval grids go to a W&B run as well (offline mode: no account, no network)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config("launch/tiny.yaml", [f"output_dir={tmp_path}", "train.total_samples=4", "log.wandb=true",
+                                           "eval.every=1", "eval.images_per_prompt=1"])
+    train(cfg, progress=False)
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert len(list((run / "files" / "media" / "images" / "eval").glob("*.png"))) == 2  # one per update
+    records = next(run.glob("*.wandb")).read_bytes()
+    assert b"train/loss" in records and b"perf/samples_per_second" in records

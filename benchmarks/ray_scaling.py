@@ -1,0 +1,128 @@
+"""How the Ray runtime scales, and where a sampler's time goes. Prints, in one run:
+
+- samples/s of the training loop with 1, 2, 4 sampler actors (on-policy) and the ratio to linear scaling,
+  samples/s(n) / (n * samples/s(1)). Each actor is one logical Ray CPU with one thread; the machine's physical
+  cores are printed next to it, because past that count actors share cores and the ratio must fall.
+- the samplers' idle fraction (share of sampler time spent waiting for the learner) with 2 samplers, on-policy
+  and with ``runtime.pipeline``.
+- one rollout's time split: guided UNet forwards, VAE decodes, reward calls (the tiny aesthetic model served
+  by a real ``tailorpo serve-reward`` process on loopback, called over gRPC), and the rest (DDIM math,
+  guidance, ranking). These are the per-call costs the README's scaling estimate starts from.
+
+The tiny model makes the UNet cheap relative to fixed costs (Python, gRPC, Ray transfers), so the ratios here
+are a regression guard for the runtime's overheads, not a prediction of SD v1.5 on GPUs.
+
+Usage: python benchmarks/ray_scaling.py [--config launch/tiny.yaml] [--iterations 4] [--samplers 1 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import ray
+import torch
+
+from tailorpo.config import Config, load_config
+from tailorpo.rewards.grpc_client import GrpcReward
+from tailorpo.run_log import RunSummary
+from tailorpo.runtime.driver import train_on_ray
+from tailorpo.runtime.reward_actors import RewardServerOwner
+from tailorpo.trainer import build_policy, collect_rollout, resolve_device, rollout_generator, seed_everything
+
+
+def ray_run(config: str, overrides: list[str], samplers: int, iterations: int, pipeline: bool) -> RunSummary:
+    """One training run on a fresh local Ray with one logical CPU per actor."""
+    cfg = load_config(config, overrides)
+    total = samplers * cfg.sampling.batch_size * iterations
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(config, [*overrides, f"runtime.samplers={samplers}", f"runtime.pipeline={pipeline}",
+                                   "runtime.sampler.num_cpus=1", "runtime.learner.num_cpus=1",
+                                   f"train.total_samples={total}", "eval.images_per_prompt=1", f"output_dir={out}"])
+        ray.init(num_cpus=samplers + 1, include_dashboard=False, log_to_driver=False)
+        try:
+            return train_on_ray(cfg, progress=False)
+        finally:
+            ray.shutdown()
+
+
+@contextmanager
+def timed_calls(module: torch.nn.Module, seconds: dict[str, float], key: str):
+    """Adds the wall time of every forward of ``module`` to ``seconds[key]`` (forward hooks)."""
+    starts: list[float] = []
+    handles = [
+        module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter())),
+        module.register_forward_hook(lambda *_: seconds.__setitem__(key, seconds[key] + time.perf_counter()
+                                                                     - starts.pop())),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def rollout_time_split(cfg: Config, rollouts: int) -> dict[str, float]:
+    """Seconds per rollout in the UNet, the VAE decoder, reward calls over gRPC, and the rest."""
+    seed_everything(cfg.seed)
+    policy = build_policy(cfg, resolve_device(cfg.device))
+    owner = RewardServerOwner({"name": "aesthetic", "tiny": True})
+    reward = GrpcReward([owner.address()])
+    seconds: dict[str, float] = defaultdict(float)
+    try:
+        collect_rollout(cfg, policy, reward, cfg.prompts[: cfg.sampling.batch_size], rollout_generator(0, 0, 0))
+        reward.seconds = 0.0  # the warm-up rollout is not timed
+        with timed_calls(policy.unet, seconds, "unet"), timed_calls(policy.pipe.vae.decoder, seconds, "vae"):
+            start = time.perf_counter()
+            for i in range(rollouts):
+                prompts = cfg.prompts[: cfg.sampling.batch_size]
+                collect_rollout(cfg, policy, reward, prompts, rollout_generator(0, i + 1, 0))
+            seconds["total"] = time.perf_counter() - start
+        seconds["reward"] = reward.seconds
+    finally:
+        reward.close()
+        owner.stop()
+    seconds["other"] = seconds["total"] - seconds["unet"] - seconds["vae"] - seconds["reward"]
+    return {k: v / rollouts for k, v in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="launch/tiny.yaml")
+    parser.add_argument("--iterations", type=int, default=4, help="iterations per run (each sampler: one rollout)")
+    parser.add_argument("--samplers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+
+    print(f"physical CPU cores: {os.cpu_count()}; one logical Ray CPU and one thread per actor")
+    print("\nsamplers  samples/s  ratio to linear  idle fraction  s/rollout sampling  s/rollout training")
+    base = None
+    for n in args.samplers:
+        summary = ray_run(args.config, args.overrides, n, args.iterations, pipeline=False)
+        base = base or summary.samples_per_second / n
+        print(f"{n:>8}  {summary.samples_per_second:>9.2f}  {summary.samples_per_second / (n * base):>15.2f}  "
+              f"{summary.sampler_idle_fraction:>13.2f}  {summary.sample_seconds_per_rollout:>18.2f}  "
+              f"{summary.train_seconds_per_rollout:>18.2f}")
+
+    print("\n2 samplers   samples/s  idle fraction")
+    for pipeline in (False, True):
+        summary = ray_run(args.config, args.overrides, 2, args.iterations, pipeline)
+        print(f"{'pipelined' if pipeline else 'on-policy':<11}  {summary.samples_per_second:>9.2f}  "
+              f"{summary.sampler_idle_fraction:>13.2f}")
+
+    torch.set_num_threads(1)
+    split = rollout_time_split(cfg, rollouts=3)
+    print(f"\none rollout ({cfg.algorithm.name}, batch {cfg.sampling.batch_size}, 1 thread): "
+          f"{split['total']:.2f}s")
+    for key in ("unet", "vae", "reward", "other"):
+        print(f"  {key:<7} {split[key]:>7.3f}s  {split[key] / split['total']:>5.0%}")
+    print(f"  reward / UNet time: {split['reward'] / split['unet']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
