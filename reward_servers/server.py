@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +94,12 @@ class Batcher:
     """Groups concurrent requests into model calls on one worker thread (the model is not shared across
     threads, which keeps GPU memory and CUDA streams simple)."""
 
-    def __init__(self, model: RewardModel, max_batch_size: int, max_wait_s: float, max_queue: int) -> None:
+    def __init__(
+        self, model: RewardModel, max_batch_size: int, max_wait_s: float, max_queue: int,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
         self.model = model
+        self.on_failure = on_failure  # e.g. health -> NOT_SERVING, so load balancers and supervisors react
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -183,6 +188,8 @@ class Batcher:
                     if not r.done.is_set():
                         r.fail(BatcherUnavailable(f"the reward batcher crashed: {err!r}"))
                 self._pending, self._in_flight = [], []
+            if self.on_failure is not None:
+                self.on_failure()
 
     def _score(self, batch: list[_Request]) -> None:
         images = torch.cat([r.images for r in batch])
@@ -218,11 +225,14 @@ _ERROR_CODES = {
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, model: RewardModel, config: ServerConfig, score_notes: str = "") -> None:
+    def __init__(
+        self, model: RewardModel, config: ServerConfig, score_notes: str = "",
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
         self.model = model
         self.config = config
         self.score_notes = score_notes
-        self.batcher = Batcher(model, config.max_batch_size, config.max_wait_ms / 1000, config.max_queue)
+        self.batcher = Batcher(model, config.max_batch_size, config.max_wait_ms / 1000, config.max_queue, on_failure)
         self._expected = None if config.token is None else f"Bearer {config.token}".encode()
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
@@ -299,8 +309,11 @@ class RunningServer:
         self.servicer.batcher.stop(timeout_s=grace_s)
 
 
-def start_server(model: RewardModel, config: ServerConfig, score_notes: str = "") -> RunningServer:
-    """Raises OSError naming the address when it cannot be bound (e.g. another server already holds it)."""
+def start_server(
+    model: RewardModel, config: ServerConfig, score_notes: str = "", on_failure: Callable[[], None] | None = None
+) -> RunningServer:
+    """Raises OSError naming the address when it cannot be bound (e.g. another server already holds it). If
+    the batcher crashes, health turns NOT_SERVING and ``on_failure`` runs."""
     max_bytes = config.max_message_mb * 2**20
     threads = config.max_queue + HEADROOM
     server = grpc.server(
@@ -312,9 +325,16 @@ def start_server(model: RewardModel, config: ServerConfig, score_notes: str = ""
         ],
         maximum_concurrent_rpcs=threads,  # beyond it grpc answers RESOURCE_EXHAUSTED instead of queueing
     )
-    servicer = RewardServicer(model, config, score_notes)
-    reward_pb2_grpc.add_RewardServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
+
+    def not_serving() -> None:
+        for service in (SERVICE_NAME, ""):
+            health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if on_failure is not None:
+            on_failure()
+
+    servicer = RewardServicer(model, config, score_notes, not_serving)
+    reward_pb2_grpc.add_RewardServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
     try:
@@ -340,16 +360,25 @@ def start_server(model: RewardModel, config: ServerConfig, score_notes: str = ""
 
 def serve_forever(model: RewardModel, config: ServerConfig, score_notes: str = "") -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully. Prints the bound address first; a port that
-    cannot be bound ends the process with exit code 2 and one line naming the address (no traceback)."""
+    cannot be bound ends the process with exit code 2 and one line naming the address (no traceback). A
+    crashed batcher ends it with exit code 1, so a supervisor (``reward.launch``'s owner actor) restarts it."""
+    stop, crashed = threading.Event(), threading.Event()
+
+    def crash() -> None:
+        crashed.set()
+        stop.set()
+
     try:
-        running = start_server(model, config, score_notes)
+        running = start_server(model, config, score_notes, on_failure=crash)
     except OSError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     print(f"reward server {model.name!r} listening on {running.address}", flush=True)
-    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     running.stop(config.grace_s)
+    if crashed.is_set():
+        print("error: the reward batcher crashed (see the log above); exiting for a restart", file=sys.stderr)
+        raise SystemExit(1)
     print("reward server stopped", flush=True)

@@ -432,9 +432,15 @@ def test_a_crashed_batcher_fails_callers_and_refuses_new_work():
 
         running.servicer.batcher._score = crash  # an exception escaping the worker loop itself
         request = reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"])
+        health_stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(running.address))
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert health_stub.Check(health_pb2.HealthCheckRequest(service="")).status == serving
         for expected in ("crashed: RuntimeError('boom')", "not running"):  # the waiting call, then a new one
             err = _bad(request, running.address)
             assert err.code() == grpc.StatusCode.UNAVAILABLE and expected in err.details(), err.details()
+        # load balancers and supervisors see it: health turns NOT_SERVING (serve-reward then exits with 1)
+        assert health_stub.Check(health_pb2.HealthCheckRequest(service="")).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_score_during_shutdown_is_unavailable():
