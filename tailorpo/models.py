@@ -75,18 +75,20 @@ def make_tiny_model(directory: str | Path, seed: int = 0, sdxl: bool = False) ->
     return directory
 
 
+def _tiny_unet(**blocks) -> UNet2DConditionModel:
+    """SD's UNet at toy size (two levels, 32/64 channels); ``blocks`` set the block types and conditioning."""
+    return UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, norm_num_groups=16, **blocks,
+    )
+
+
 def _tiny_pipeline(directory: Path) -> StableDiffusionPipeline:
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 4,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+    unet = _tiny_unet(
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
-        norm_num_groups=16,
     )
     vae = _tiny_vae()
     text_encoder = CLIPTextModel(_tiny_clip_config(hidden_size=32))
@@ -113,12 +115,7 @@ def _tiny_sdxl_pipeline(directory: Path) -> StableDiffusionXLPipeline:
         hidden_size=64, projection_dim=32, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1
     )
     time_embed_dim = 8
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 4,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+    unet = _tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
@@ -128,7 +125,6 @@ def _tiny_sdxl_pipeline(directory: Path) -> StableDiffusionXLPipeline:
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim,
         projection_class_embeddings_input_dim=6 * time_embed_dim + clip_config_2.projection_dim,
-        norm_num_groups=16,
     )
     vae = _tiny_vae(scaling_factor=0.13025)  # SDXL VAE's latent scale
     text_encoder = CLIPTextModel(clip_config)

@@ -23,14 +23,18 @@ def tiny_pipe():
     return pipe
 
 
-@pytest.fixture
-def policy(tiny_pipe):
-    """A fresh policy over the shared pipeline, with the LoRA reset to zero (= the base model)."""
-    for name, param in tiny_pipe.unet.named_parameters():
+def fresh_policy(pipe, resolution: int = 64) -> DiffusionPolicy:
+    """A fresh policy over a shared pipeline, with the LoRA reset to zero (= the base model)."""
+    for name, param in pipe.unet.named_parameters():
         param.grad = None
         if "lora_B" in name:
             param.data.zero_()
-    return DiffusionPolicy(tiny_pipe, num_steps=20, eta=1.0, guidance_scale=5.0, resolution=64)
+    return DiffusionPolicy(pipe, num_steps=20, eta=1.0, guidance_scale=5.0, resolution=resolution)
+
+
+@pytest.fixture
+def policy(tiny_pipe):
+    return fresh_policy(tiny_pipe)
 
 
 def perturb_lora(unet, seed: int = 0, scale: float = 0.05) -> None:

@@ -20,7 +20,7 @@ from tailorpo.models import add_lora, load_pipeline, save_lora
 from tailorpo.policy import DiffusionPolicy, PromptEmbeds
 from tailorpo.rewards import build_reward
 from tailorpo.rollouts import d3po_rollout, select_rows
-from tests.conftest import LORA_TARGETS, perturb_lora
+from tests.conftest import LORA_TARGETS, fresh_policy, perturb_lora
 
 PROMPTS = ["a cat", "a red car"]
 RESOLUTION = 64
@@ -36,12 +36,7 @@ def sdxl_pipe():
 
 @pytest.fixture
 def sdxl_policy(sdxl_pipe):
-    """A fresh policy over the shared SDXL pipeline, with the LoRA reset to zero (= the base model)."""
-    for name, param in sdxl_pipe.unet.named_parameters():
-        param.grad = None
-        if "lora_B" in name:
-            param.data.zero_()
-    return DiffusionPolicy(sdxl_pipe, num_steps=20, eta=1.0, guidance_scale=5.0, resolution=RESOLUTION)
+    return fresh_policy(sdxl_pipe, RESOLUTION)
 
 
 def test_make_tiny_model_sdxl_writes_an_sdxl_pipeline_that_loads_through_the_path_route(tmp_path):
