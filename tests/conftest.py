@@ -15,12 +15,17 @@ from tailorpo.policy import DiffusionPolicy  # noqa: E402
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_out"]
 
 
-@pytest.fixture(scope="session")
-def tiny_pipe():
+def lora_pipeline(name: str):
+    """A built-in tiny pipeline with a rank-4 LoRA on attention and convolutions (seeded init)."""
     torch.manual_seed(0)
-    pipe = load_pipeline("tiny-sd")
+    pipe = load_pipeline(name)
     add_lora(pipe.unet, rank=4, alpha=4, target_modules=LORA_TARGETS)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    return lora_pipeline("tiny-sd")
 
 
 def fresh_policy(pipe, resolution: int = 64) -> DiffusionPolicy:

@@ -16,11 +16,11 @@ from tailorpo.cli import main
 from tailorpo.config import AlgorithmConfig, OptimConfig
 from tailorpo.guidance import cosine_eta_schedule
 from tailorpo.learner import Learner
-from tailorpo.models import add_lora, load_pipeline, save_lora
+from tailorpo.models import load_pipeline, save_lora
 from tailorpo.policy import DiffusionPolicy, PromptEmbeds
 from tailorpo.rewards import build_reward
 from tailorpo.rollouts import d3po_rollout, select_rows
-from tests.conftest import LORA_TARGETS, fresh_policy, perturb_lora
+from tests.conftest import fresh_policy, lora_pipeline, perturb_lora
 
 PROMPTS = ["a cat", "a red car"]
 RESOLUTION = 64
@@ -28,10 +28,7 @@ RESOLUTION = 64
 
 @pytest.fixture(scope="module")
 def sdxl_pipe():
-    torch.manual_seed(0)
-    pipe = load_pipeline("tiny-sdxl")
-    add_lora(pipe.unet, rank=4, alpha=4, target_modules=LORA_TARGETS)
-    return pipe
+    return lora_pipeline("tiny-sdxl")
 
 
 @pytest.fixture
