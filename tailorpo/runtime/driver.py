@@ -82,6 +82,8 @@ def train_on_ray(cfg: Config, progress: bool = True, resume: bool = False) -> Ru
     ]
     driver = Driver(cfg, samplers, out, progress)
     try:
+        ray.get([actor.__ray_ready__.remote() for actor in [driver.learner, *samplers]])  # models loaded: the
+        # loop's clock (samples/s, idle fraction) starts here, and a model that cannot load fails here
         return driver.run(resume, start)
     finally:
         ray.get([owner.stop.remote() for owner in owners])
