@@ -21,7 +21,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tailorpo.learner import Learner
+from tailorpo.learner import LoraLearner
 from tailorpo.objectives import PerPromptStatTracker
 
 PREFIX = "checkpoint-"
@@ -37,7 +37,7 @@ class Progress:
 
 def save_checkpoint(
     output_dir: str | Path,
-    learner: Learner,
+    learner: LoraLearner,
     tracker: PerPromptStatTracker,
     progress: Progress,
     prompt_state: torch.Tensor,
@@ -77,7 +77,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: str | Path, learner: Learner, tracker: PerPromptStatTracker
+    path: str | Path, learner: LoraLearner, tracker: PerPromptStatTracker
 ) -> tuple[Progress, torch.Tensor]:
     """Restore a checkpoint into a freshly built learner; returns where the driver resumes and the state of
     its prompt generator."""

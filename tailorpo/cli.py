@@ -1,11 +1,11 @@
-"""``tailorpo train | make-tiny-model | serve-reward``."""
+"""``tailorpo train | make-tiny-model | serve-reward | build-style-pairs``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from tailorpo.config import ConfigError, load_config
+from tailorpo.config import PAIR_ALGORITHMS, ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--token-env", help="name of an environment variable holding the bearer token")
     serve_p.add_argument("--tls-cert")
     serve_p.add_argument("--tls-key")
+    style_p = sub.add_parser("build-style-pairs", help="MaPO's Pick-Style / Pick-Safety: a pair folder sampled "
+                             "from the config's base model with a preferred and a dispreferred prompt prefix")
+    style_p.add_argument("config", help="YAML config: model, resolution, sampling steps and guidance, seed")
+    style_p.add_argument("out", help="pair folder to append to (pairs.jsonl + images/)")
+    style_p.add_argument("--prompts", nargs="+", metavar="PROMPT", help="prompts, or one text file with a prompt "
+                         "per line (default: the config's prompts)")
+    style_p.add_argument("--recipe", choices=["style", "safety"], default="style",
+                         help="prefix defaults: style = Pick-Style, safety = Pick-Safety (plain prompt preferred)")
+    style_p.add_argument("--preferred-prefix", help="prefix of the preferred image's prompt")
+    style_p.add_argument("--dispreferred-prefix", help="prefix of the dispreferred image's prompt")
+    style_p.add_argument("--images-per-prompt", type=int, default=1)
+    style_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
     if args.command == "make-tiny-model":
@@ -43,21 +55,54 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve-reward":
         return serve_reward(args)
+    if args.command == "build-style-pairs":
+        return build_style_pairs(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from tailorpo.pair_data import PairDataError
     from tailorpo.rewards.grpc_client import RewardServerError
     from tailorpo.trainer import train  # heavy imports only once the config is known to be good
 
-    if cfg.runtime.samplers:
+    if cfg.algorithm.name in PAIR_ALGORITHMS:
+        from tailorpo.pair_trainer import train_pairs as train
+    elif cfg.runtime.samplers:
         from tailorpo.runtime.driver import train_on_ray as train
     try:
         print(train(cfg, progress=not args.no_progress, resume=args.resume).text())
-    except (ConfigError, RewardServerError) as err:
+    except (ConfigError, RewardServerError, PairDataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def build_style_pairs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from tailorpo.style_pairs import RECIPES, build_style_pairs as build  # heavy: only with a good config
+
+    preferred, dispreferred = RECIPES[args.recipe]
+    preferred = preferred if args.preferred_prefix is None else args.preferred_prefix
+    dispreferred = dispreferred if args.dispreferred_prefix is None else args.dispreferred_prefix
+    if dispreferred is None:
+        print(f"error: --recipe {args.recipe} needs --dispreferred-prefix (no default is shipped)", file=sys.stderr)
+        return 2
+    prompts = args.prompts or cfg.prompts
+    if len(prompts) == 1 and Path(prompts[0]).is_file():
+        prompts = [line.strip() for line in Path(prompts[0]).read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        written = build(cfg, args.out, prompts, preferred, dispreferred, args.images_per_prompt)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {written} pairs to {args.out} (preferred: {preferred!r}, dispreferred: {dispreferred!r})")
     return 0
 
 
@@ -79,6 +124,9 @@ def serve_reward(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.tls_cert:
+        print(f"warning: --host {args.host} is reachable from other machines and TLS is off: images, scores "
+              "and the token travel in plaintext; give --tls-cert and --tls-key", file=sys.stderr)
     config = ServerConfig(
         host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,

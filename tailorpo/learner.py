@@ -5,6 +5,9 @@ Per fine-tuned step the batch shares one timestep, so each group costs one batch
   log-probs (the reference is the same UNet with its adapter disabled).
 - D3PO: different parents, so the forward runs on [x_t^w; x_t^l]: twice the rows.
 - DDPO: one trainable forward; the old log-prob was stored at sampling time, no reference.
+
+``LoraLearner`` holds what every learner shares, online or offline (``pair_learner.PairLearner``): AdamW on the
+UNet's LoRA, gradient accumulation, clipping and the update count that checkpoints and the driver read.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from tailorpo.policy import DiffusionPolicy, PromptEmbeds
 from tailorpo.rollouts import PolicySteps, PreferencePairs, Rollout, select_rows
 
 
-class Learner:
-    def __init__(self, policy: DiffusionPolicy, optim: OptimConfig, algorithm: AlgorithmConfig) -> None:
+class LoraLearner:
+    """AdamW on the policy's LoRA parameters, with gradient accumulation over ``gradient_accumulation_steps``
+    iterations and clipping to ``max_grad_norm``: one optimizer path for every objective."""
+
+    def __init__(self, policy: DiffusionPolicy, optim: OptimConfig) -> None:
         self.policy = policy
         self.optim_cfg = optim
-        self.algorithm = algorithm
         self.params = lora_parameters(policy.unet)
         if not self.params:
             raise ValueError("the UNet has no trainable LoRA parameters; call add_lora first")
@@ -32,6 +37,38 @@ class Learner:
         )
         self.pending_iterations = 0
         self.updates = 0
+
+    def backward(self, loss: torch.Tensor, where: str) -> None:
+        """Accumulate d loss / d LoRA, scaled so that an optimizer step averages its iterations' losses. A
+        non-finite loss stops the run before it reaches the weights (``where`` says which part of the batch)."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} {where}; stopping")
+        (loss / self.optim_cfg.gradient_accumulation_steps).backward()
+
+    def end_iteration(self) -> dict[str, float]:
+        """Count one iteration's gradients in; step the optimizer once ``gradient_accumulation_steps`` are in
+        (then the stats hold the pre-clipping gradient norm)."""
+        self.pending_iterations += 1
+        if self.pending_iterations < self.optim_cfg.gradient_accumulation_steps:
+            return {}
+        return {"grad_norm": self.apply_gradients()}
+
+    def apply_gradients(self) -> float:
+        """Clip and apply the accumulated gradients (also called at the end of a run, so none is lost)."""
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_iterations = 0
+        self.updates += 1
+        return grad_norm
+
+
+class Learner(LoraLearner):
+    """The online objectives' learner: rollouts of TailorPO / TailorPO-G / D3PO pairs or DDPO steps."""
+
+    def __init__(self, policy: DiffusionPolicy, optim: OptimConfig, algorithm: AlgorithmConfig) -> None:
+        super().__init__(policy, optim)
+        self.algorithm = algorithm
 
     def log_probs(
         self, x_t: torch.Tensor, step_index: int, targets: list[torch.Tensor], embeds: PromptEmbeds
@@ -84,10 +121,8 @@ class Learner:
         for step_index in data.step_index.unique().tolist():
             group = select_rows(data, data.step_index == step_index)
             loss, extra = self._group_loss(group, embeds.index(group.prompt_index))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step index {step_index}; stopping")
             weight = len(group.step_index) / total_rows
-            (loss * weight / self.optim_cfg.gradient_accumulation_steps).backward()
+            self.backward(loss * weight, f"at step index {step_index}")
             loss_sum += loss.item() * weight
             logits += [extra["logits"]] if "logits" in extra else []
             clipped += [extra["clipped"]] if "clipped" in extra else []
@@ -96,16 +131,4 @@ class Learner:
             stats["preference_accuracy"] = preference_accuracy(torch.cat(logits))
         if clipped:
             stats["clip_fraction"] = float(torch.cat(clipped).float().mean())
-        self.pending_iterations += 1
-        if self.pending_iterations == self.optim_cfg.gradient_accumulation_steps:
-            stats["grad_norm"] = self.apply_gradients()
-        return stats
-
-    def apply_gradients(self) -> float:
-        """Clip and apply the accumulated gradients (also called at the end of a run, so none is lost)."""
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.max_grad_norm))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.pending_iterations = 0
-        self.updates += 1
-        return grad_norm
+        return stats | self.end_iteration()

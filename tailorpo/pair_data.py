@@ -11,6 +11,8 @@ Sources (``read_pairs``):
 
   ``image_w`` is the preferred image. Other keys (the exporter writes ``reward_w``, ``reward_l``) are kept
   for provenance and ignored by the reader. Row i is line i + 1 of ``pairs.jsonl``; blank lines are skipped.
+  ``export_pairs`` ranks a rollout's images by reward; ``write_pairs`` appends pairs already ordered (the
+  Pick-Style builder's: the styled image is preferred by construction).
 - **Parquet** (one ``.parquet`` file, or a folder whose ``*.parquet`` shards are read in name order) with
   Pick-a-Pic v2's columns: ``caption``, ``jpg_0``, ``jpg_1`` (encoded image bytes) and ``label_0``
   (1.0: image 0 preferred, 0.0: image 1 preferred, 0.5: a tie). Row i counts across shards.
@@ -399,26 +401,37 @@ def export_pairs(folder: str | Path, prompts: list[str], images: torch.Tensor, r
     winner_is_1, tie = select_winner(rewards[:batch], rewards[batch:])
     image_w, image_l = order_by_winner(winner_is_1, images[:batch], images[batch:])
     reward_w, reward_l = order_by_winner(winner_is_1, rewards[:batch], rewards[batch:])
+    keep = (~tie).nonzero().flatten().tolist()
+    provenance = [{"reward_w": float(reward_w[i]), "reward_l": float(reward_l[i])} for i in keep]
+    written = write_pairs(folder, [prompts[i] for i in keep], image_w[keep], image_l[keep], provenance)
+    return ExportCounts(written=written, ties=int(tie.sum()))
 
+
+def write_pairs(
+    folder: str | Path, prompts: list[str], image_w: torch.Tensor, image_l: torch.Tensor,
+    provenance: list[dict[str, Any]],
+) -> int:
+    """Append already-ordered pairs to a pair folder: ``image_w[i]`` (3, H, W) in [0, 1] is preferred for
+    ``prompts[i]``; ``provenance[i]`` (JSON-serialisable, e.g. rewards or the prompts sampled with) is stored
+    on the line and ignored by the reader. Returns the number of pairs written."""
+    if not len(prompts) == len(image_w) == len(image_l) == len(provenance):
+        raise ValueError(f"{len(prompts)} prompts, {len(image_w)} preferred and {len(image_l)} dispreferred images, "
+                         f"{len(provenance)} provenance entries: give one of each per pair")
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     pairs_file = folder / PAIRS_FILE
     start = _count_rows(pairs_file)
     lines = []
-    for i in range(batch):
-        if tie[i]:
-            continue
-        name = f"images/{start + len(lines):08d}"
+    for i, prompt in enumerate(prompts):
+        name = f"images/{start + i:08d}"
         for suffix, image in (("w", image_w[i]), ("l", image_l[i])):
             _to_pil(image).save(folder / f"{name}_{suffix}.png")
-        lines.append(
-            json.dumps({"prompt": prompts[i], "image_w": f"{name}_w.png", "image_l": f"{name}_l.png",
-                        "reward_w": float(reward_w[i]), "reward_l": float(reward_l[i])})
-        )
+        entry = {"prompt": prompt, "image_w": f"{name}_w.png", "image_l": f"{name}_l.png"}
+        lines.append(json.dumps(provenance[i] | entry))  # the reader's keys win over provenance
     # Images first, lines last: a crash in between leaves unreferenced files, never a line without its images.
     with pairs_file.open("a", encoding="utf-8") as out:
         out.writelines(line + "\n" for line in lines)
-    return ExportCounts(written=len(lines), ties=int(tie.sum()))
+    return len(lines)
 
 
 def _count_rows(pairs_file: Path) -> int:

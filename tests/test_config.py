@@ -14,6 +14,17 @@ def test_launch_configs_are_valid():
         "runwayml/stable-diffusion-v1-5", 512, 10_000)
     assert paper.sampling.batch_size == 2 and paper.runtime.samplers >= 1
     assert paper.reward.launch[0].name == "aesthetic" and paper.reward.launch[0].resources.num_gpus == 1
+    # the offline pair objectives: one YAML each, on real hub ids, with the spec's hyper-parameters
+    names = ("dpo_sd15", "diff_contrast_sd15", "mapo_sdxl")
+    dpo, contrast, mapo = (load_config(f"launch/{name}.yaml") for name in names)
+    assert [c.algorithm.name for c in (dpo, contrast, mapo)] == ["diffusion_dpo", "diff_contrast", "mapo"]
+    assert dpo.model.pretrained == contrast.model.pretrained == "runwayml/stable-diffusion-v1-5"
+    assert mapo.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0" and mapo.model.resolution == 1024
+    for pair_cfg in (dpo, contrast, mapo):
+        assert pair_cfg.pairs.source == "yuvalkirstain/pickapic_v2" and pair_cfg.pairs.streaming
+    assert dpo.pairs.beta == contrast.pairs.beta == 2000 and contrast.pairs.diff_contrast.tau == 0.01
+    assert (mapo.pairs.mapo.beta_mapo, mapo.pairs.mapo.snr_value) == (0.1, 0.5)
+    assert contrast.pairs.diff_contrast.clip_model == "openai/clip-vit-large-patch14"
     defaults = load_config(None)
     # the paper's setup and D3PO's public defaults
     assert defaults.model.pretrained == "runwayml/stable-diffusion-v1-5" and defaults.model.resolution == 512

@@ -1,0 +1,71 @@
+"""MaPO's Pick-Style / Pick-Safety recipe: preference pairs sampled from a base model by prompt prefixes.
+
+For each prompt the base model (the configured pipeline, LoRA disabled) draws the preferred image from
+"<preferred prefix>, <prompt>" and the dispreferred one from "<dispreferred prefix>, <prompt>"; the pair is
+stored under the plain prompt, so a model trained on it learns the preferred look without being asked for it.
+The preference comes from the construction, not from a reward. Both images of a pair start from the same
+noise (initial latents and every DDIM step's noise), so they differ by the prefix and not by the seed.
+
+Recipes (``RECIPES``; both prefixes can be overridden):
+
+- ``style`` (Pick-Style): "Disney style animated image" (or "Pixel art style image") preferred,
+  "Realistic 8k image" dispreferred, as the spec gives MaPO's prefixes. The published
+  ``mapo-t2i/pick-style-cartoon`` card describes its rejected images as plain-prompt generations instead: pass
+  ``--dispreferred-prefix ""`` for that variant.
+- ``safety`` (Pick-Safety): the plain prompt preferred (the ``mapo-t2i/pick-safety`` card: "normal generations
+  of SDXL") and an unsafe prefix dispreferred. We ship no unsafe prefix: the caller names it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tailorpo.config import Config
+from tailorpo.models import reference_model
+from tailorpo.pair_data import write_pairs
+from tailorpo.rollouts import trajectory_rollout
+from tailorpo.trainer import build_policy, resolve_device, rollout_generator, seed_everything
+
+RECIPES: dict[str, tuple[str, str | None]] = {  # recipe -> (preferred prefix, dispreferred prefix or None: ask)
+    "style": ("Disney style animated image", "Realistic 8k image"),
+    "safety": ("", None),
+}
+
+
+def with_prefix(prefix: str, prompt: str) -> str:
+    return f"{prefix}, {prompt}" if prefix else prompt
+
+
+@torch.no_grad()
+def build_style_pairs(
+    cfg: Config, out: str | Path, prompts: list[str], preferred_prefix: str, dispreferred_prefix: str,
+    images_per_prompt: int = 1,
+) -> int:
+    """Append ``images_per_prompt`` pairs per prompt to the pair folder ``out``, sampled in batches of
+    ``sampling.batch_size`` with the config's model, steps, eta and guidance. Batch b's noise comes from
+    ``rollout_generator(cfg.seed, b, 0)``, so the same config and prompts give the same pairs. Returns the
+    number of pairs written."""
+    if not prompts or images_per_prompt < 1:
+        raise ValueError(f"{len(prompts)} prompts x {images_per_prompt} images per prompt: nothing to sample")
+    if preferred_prefix == dispreferred_prefix:
+        raise ValueError(f"both prefixes are {preferred_prefix!r}: the two images of a pair would be the same")
+    seed_everything(cfg.seed)
+    policy = build_policy(cfg, resolve_device(cfg.device))
+    rows = [prompt for prompt in prompts for _ in range(images_per_prompt)]
+    written = 0
+    with reference_model(policy.unet):  # the base model: the fresh LoRA stays out of the samples
+        for batch_index, first in enumerate(range(0, len(rows), cfg.sampling.batch_size)):
+            batch = rows[first : first + cfg.sampling.batch_size]
+            prompt_w = [with_prefix(preferred_prefix, p) for p in batch]
+            prompt_l = [with_prefix(dispreferred_prefix, p) for p in batch]
+            images_w, images_l = (  # a fresh generator with the same seed: the same noise for w and l
+                trajectory_rollout(policy, policy.encode_prompts(styled),
+                                   rollout_generator(cfg.seed, batch_index, 0), []).images
+                for styled in (prompt_w, prompt_l)
+            )
+            provenance = [{"prompt_w": w, "prompt_l": ell, "model": cfg.model.pretrained}
+                          for w, ell in zip(prompt_w, prompt_l, strict=True)]
+            written += write_pairs(out, batch, images_w, images_l, provenance)
+    return written
