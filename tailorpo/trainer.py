@@ -22,6 +22,7 @@ from tailorpo.models import add_lora, load_pipeline, reference_model, save_lora
 from tailorpo.objectives import PerPromptStatTracker
 from tailorpo.policy import DiffusionPolicy
 from tailorpo.rewards import RewardModel, build_reward
+from tailorpo.rewards.grpc_client import WeightedSum
 from tailorpo.rollouts import Rollout, d3po_rollout, ddpo_rollout, trajectory_rollout
 from tailorpo.run_log import EvalSnapshot, RunLog, RunSummary, image_grid
 
@@ -65,7 +66,7 @@ def build_reward_model(cfg: Config) -> RewardModel:
     if not reward_cfg.servers:
         reward = build_reward(reward_cfg.name)
     else:
-        from tailorpo.rewards.grpc_client import GrpcReward, WeightedSum
+        from tailorpo.rewards.grpc_client import GrpcReward
 
         token = os.environ.get(reward_cfg.token_env) if reward_cfg.token_env else None
         if reward_cfg.token_env and not token:
@@ -95,6 +96,11 @@ def collect_rollout(
         "reward_time": reward.seconds - reward_seconds,
         "reward_calls": float(reward.calls - calls),
     }
+    if isinstance(reward, WeightedSum):  # each configured reward on its own: one extra call on the final images
+        for component, _ in reward.components:
+            scores = component.score(rollout.images, rollout.prompts).scores
+            rollout.stats[f"reward_{component.name}_mean"] = float(scores.mean())
+            rollout.stats[f"reward_{component.name}_std"] = float(scores.std(unbiased=False))
     return rollout
 
 

@@ -308,6 +308,20 @@ def test_weighted_sum_of_rewards(colorfulness_server, jpeg_server):
     assert not total.differentiable
 
 
+def test_a_rollout_logs_each_summed_reward(colorfulness_server, jpeg_server, policy):
+    """With several reward servers the run log shows each one's mean and std on the final images, which
+    combine to the summed reward the rollout was ranked by."""
+    from tailorpo.config import load_config
+    from tailorpo.trainer import collect_rollout, rollout_generator
+
+    total = WeightedSum([(GrpcReward([colorfulness_server]), 0.5), (GrpcReward([jpeg_server]), 2.0)])
+    rollout = collect_rollout(load_config("launch/tiny.yaml"), policy, total, ["a cat", "a dog"],
+                              rollout_generator(0, 0, 0))
+    combined = 0.5 * rollout.stats["reward_colorfulness_mean"] + 2.0 * rollout.stats["reward_jpeg_mean"]
+    assert combined == pytest.approx(float(rollout.rewards.mean()), rel=1e-5)
+    assert rollout.stats["reward_jpeg_std"] > 0
+
+
 def test_tls(tmp_path):
     cert, key = self_signed_cert(tmp_path, "server")
     other_ca, _ = self_signed_cert(tmp_path, "other")
