@@ -193,8 +193,23 @@ class Driver:
                 except ray.exceptions.RayActorError:
                     if attempt == self.cfg.runtime.max_restarts:
                         raise
+                    self._wait_until_restarted(slot)
                     batch.summaries[slot], batch.rollouts[slot] = self._draw(batch, slot)
         return summaries
+
+    def _wait_until_restarted(self, slot: int, timeout_s: float = 600.0) -> None:
+        """Block until Ray has restarted the sampler (its model loaded): calls made while it restarts fail
+        with ActorUnavailableError and would use up the retries in a moment. A sampler out of restarts
+        raises RayActorError here."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get(self.samplers[slot].__ray_ready__.remote(), timeout=max(deadline - time.monotonic(), 1))
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def _run(self, resume: bool, start: float, fresh_if_none: bool) -> RunSummary:
         cfg, learner = self.cfg, self.learner
