@@ -322,6 +322,14 @@ def test_a_rollout_logs_each_summed_reward(colorfulness_server, jpeg_server, pol
     assert rollout.stats["reward_jpeg_std"] > 0
 
 
+def test_a_non_loopback_bind_without_tls_warns():
+    with reward_server("jpeg", "--host", "0.0.0.0") as (_, proc):
+        assert "reachable from other machines and TLS is off" in proc.stderr.readline()
+    with reward_server("jpeg") as (_, proc):  # loopback: no warning
+        proc.kill()
+        assert "warning" not in proc.stderr.read()
+
+
 def test_tls(tmp_path):
     cert, key = self_signed_cert(tmp_path, "server")
     other_ca, _ = self_signed_cert(tmp_path, "other")

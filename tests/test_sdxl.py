@@ -178,3 +178,15 @@ def test_sdxl_lora_round_trip_into_a_fresh_pipeline(sdxl_policy, tmp_path):
         loaded = fresh.eps(x, 3, embeds)
     assert not torch.allclose(base, expected, atol=1e-4)
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tailorpo_train_on_tiny_sdxl(tmp_path):
+    """`tailorpo train` end to end with model.pretrained=tiny-sdxl: the SDXL pipeline through the real trainer."""
+    from tailorpo.config import load_config
+    from tailorpo.trainer import train
+
+    overrides = ["model.pretrained=tiny-sdxl", "train.total_samples=4", "eval.images_per_prompt=1",
+                 f"output_dir={tmp_path}"]
+    summary = train(load_config("launch/tiny.yaml", overrides), progress=False)
+    assert summary.updates == 2 and summary.eval_reward_trained != summary.eval_reward_base
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
