@@ -64,17 +64,6 @@ def pair_batches(dataset: PairDataset, batch_size: int, skip: int = 0) -> Iterat
             raise PairDataError(f"pairs.source {reader.description}: no usable pair ({reader.stats.summary()})")
 
 
-class PairRunLog(RunLog):
-    """The run log fed with pair batches: they have no reward of their own, so the progress bar shows the
-    loss and the implicit accuracy instead."""
-
-    def record(self, images: int, stats: dict[str, float]) -> None:
-        self.samples += images
-        self._log({f"train/{key}": value for key, value in stats.items()})
-        self.bar.update(images)
-        self.bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['preference_accuracy']:.2f}")
-
-
 def build_pair_learner(cfg: Config, reader: PairReader, out: Path, policy: DiffusionPolicy) -> PairLearner:
     """The configured objective's learner; Diff-contrast also loads its CLIP with the embedding cache."""
     embedder = None
@@ -115,7 +104,7 @@ def train_pairs(cfg: Config, progress: bool = True, resume: bool = False) -> Run
     if resume:
         state, noise_state = resume_from(out, learner, tracker)
         noise.set_state(noise_state)
-    log = PairRunLog(cfg, out, progress, state.samples)
+    log = RunLog(cfg, out, progress, state.samples)
     batches = pair_batches(PairDataset(reader, cfg.model.resolution), cfg.pairs.batch_size, skip=state.samples)
     while state.samples < cfg.train.total_samples:
         tick = time.perf_counter()

@@ -59,23 +59,27 @@ class RunSummary:
     sampler_idle_fraction: float | None = None  # Ray runs only
     sample_seconds_per_rollout: float = 0.0  # one sampler drawing one rollout
     train_seconds_per_rollout: float = 0.0  # the learner training on one: a learner feeds ~sample/train samplers
-    train_reward_start: float = 0.0  # mean training reward over the first tenth of the run's rollouts
-    train_reward_end: float = 0.0  # ... and over the last tenth
+    train_reward_start: float | None = None  # mean training reward over the first tenth of the run's rollouts
+    train_reward_end: float | None = None  # ... and over the last tenth (None for pair objectives: no reward)
 
     def text(self) -> str:
-        gain = self.eval_reward_trained - self.eval_reward_base
+        """Lines that apply to this run: pair objectives have no sampling and no training reward."""
         idle = "" if self.sampler_idle_fraction is None else f", samplers idle {self.sampler_idle_fraction:.0%}"
-        return (
-            f"{self.algorithm}: {self.samples} samples, {self.updates} LoRA updates in {self.seconds:.1f}s "
-            f"({self.samples_per_second:.2f} samples/s{idle})\n"
-            f"per rollout: sampling {self.sample_seconds_per_rollout:.2f}s, "
-            f"training {self.train_seconds_per_rollout:.2f}s\n"
-            f"reward calls: {self.reward_latency_s * 1000:.1f} ms each, {self.reward_time_fraction:.0%} of sampling\n"
-            f"train {self.reward}: {self.train_reward_start:.4f} (first tenth) -> {self.train_reward_end:.4f} "
-            f"(last tenth)\n"
-            f"eval {self.reward}: base {self.eval_reward_base:.4f} -> trained {self.eval_reward_trained:.4f} "
-            f"({gain:+.4f})\noutputs: {self.output_dir}"
-        )
+        lines = [f"{self.algorithm}: {self.samples} samples, {self.updates} LoRA updates in {self.seconds:.1f}s "
+                 f"({self.samples_per_second:.2f} samples/s{idle})"]
+        if self.sample_seconds_per_rollout:
+            lines.append(f"per rollout: sampling {self.sample_seconds_per_rollout:.2f}s, "
+                         f"training {self.train_seconds_per_rollout:.2f}s")
+        if self.reward_latency_s:
+            lines.append(f"reward calls: {self.reward_latency_s * 1000:.1f} ms each, "
+                         f"{self.reward_time_fraction:.0%} of sampling")
+        if self.train_reward_start is not None:
+            lines.append(f"train {self.reward}: {self.train_reward_start:.4f} (first tenth) -> "
+                         f"{self.train_reward_end:.4f} (last tenth)")
+        gain = self.eval_reward_trained - self.eval_reward_base
+        lines += [f"eval {self.reward}: base {self.eval_reward_base:.4f} -> trained {self.eval_reward_trained:.4f} "
+                  f"({gain:+.4f})", f"outputs: {self.output_dir}"]
+        return "\n".join(lines)
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -105,7 +109,8 @@ class RunLog:
         self.images_per_prompt = cfg.eval.images_per_prompt
         self.samples = self.first_sample = samples
         self.started = time.perf_counter()
-        self.rollout_rewards: list[float] = []
+        self.rollouts = 0
+        self.rollout_rewards: list[float] = []  # online rollouts; pair batches carry no reward of their own
         self.sample_seconds = self.train_seconds = self.reward_seconds = self.reward_calls = self.sampler_seconds = 0.0
 
     def _log(self, scalars: dict[str, float]) -> None:
@@ -117,7 +122,9 @@ class RunLog:
     def record(self, images: int, stats: dict[str, float]) -> None:
         """One rollout the learner trained on, with its scalars (loss, rewards, timings, ...)."""
         self.samples += images
-        self.rollout_rewards.append(stats["reward_mean"])
+        self.rollouts += 1
+        if "reward_mean" in stats:
+            self.rollout_rewards.append(stats["reward_mean"])
         self.sample_seconds += stats.get("sample_time", 0.0)
         self.train_seconds += stats.get("train_time", 0.0)
         self.reward_seconds += stats.get("reward_time", 0.0)
@@ -127,7 +134,8 @@ class RunLog:
             scalars["train/reward_latency"] = stats["reward_time"] / stats["reward_calls"]
         self._log(scalars)
         self.bar.update(images)
-        self.bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", loss=f"{stats['loss']:.4f}")
+        shown = ("reward_mean", "loss", "preference_accuracy")
+        self.bar.set_postfix({key: f"{stats[key]:.4g}" for key in shown if key in stats})
 
     def record_iteration(self, images: int, seconds: float, sampler_busy: list[float] | None = None) -> None:
         """Throughput of one iteration; ``sampler_busy`` lists each sampler's seconds of work in it (Ray)."""
@@ -153,18 +161,18 @@ class RunLog:
     def figures(self) -> dict[str, float | None]:
         """The run's totals for the summary (this process's share of the run, after a resume)."""
         seconds = time.perf_counter() - self.started
-        tenth = max(1, len(self.rollout_rewards) // 10)
-        rewards = self.rollout_rewards or [0.0]
+        rewards = self.rollout_rewards
+        tenth = max(1, len(rewards) // 10)
         busy = self.sample_seconds
         return {
             "samples_per_second": (self.samples - self.first_sample) / seconds,
             "reward_latency_s": self.reward_seconds / self.reward_calls if self.reward_calls else 0.0,
             "reward_time_fraction": self.reward_seconds / busy if busy else 0.0,
             "sampler_idle_fraction": max(0.0, 1 - busy / self.sampler_seconds) if self.sampler_seconds else None,
-            "sample_seconds_per_rollout": busy / max(1, len(self.rollout_rewards)),
-            "train_seconds_per_rollout": self.train_seconds / max(1, len(self.rollout_rewards)),
-            "train_reward_start": float(np.mean(rewards[:tenth])),
-            "train_reward_end": float(np.mean(rewards[-tenth:])),
+            "sample_seconds_per_rollout": busy / max(1, self.rollouts),
+            "train_seconds_per_rollout": self.train_seconds / max(1, self.rollouts),
+            "train_reward_start": float(np.mean(rewards[:tenth])) if rewards else None,
+            "train_reward_end": float(np.mean(rewards[-tenth:])) if rewards else None,
         }
 
     def close(self) -> None:

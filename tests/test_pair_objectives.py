@@ -342,6 +342,7 @@ def test_tailorpo_train_runs_each_pair_objective_end_to_end(tmp_path, pair_folde
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["algorithm"], summary["samples"], summary["updates"]) == (objective, 8, 4)
+    assert summary["train_reward_start"] is None and summary["sample_seconds_per_rollout"] == 0  # no sampling
     lora_b = [v for k, v in load_file(str(out / "lora/pytorch_lora_weights.safetensors")).items() if "lora_B" in k]
     assert lora_b and max(float(v.abs().max()) for v in lora_b) > 0  # B starts at zero: the LoRA moved
     for tag in ["loss", "preference_accuracy", "error_w", "error_l", "grad_norm", *tags]:
