@@ -42,6 +42,16 @@ def policy(tiny_pipe):
     return fresh_policy(tiny_pipe)
 
 
+@pytest.fixture(scope="session")
+def sdxl_pipe():
+    return lora_pipeline("tiny-sdxl")
+
+
+@pytest.fixture
+def sdxl_policy(sdxl_pipe):
+    return fresh_policy(sdxl_pipe)
+
+
 def perturb_lora(unet, seed: int = 0, scale: float = 0.05) -> None:
     """Give the LoRA non-zero weights so the policy differs from the reference."""
     gen = torch.Generator().manual_seed(seed)

@@ -240,16 +240,6 @@ def test_diff_contrast_with_one_pair_is_diffusion_dpo_and_weights_several(policy
     assert stats["diagonal_weight"] == pytest.approx(float(weights.diagonal().mean()), abs=1e-5)
 
 
-@pytest.fixture(scope="module")
-def sdxl_pipe():
-    return lora_pipeline("tiny-sdxl")
-
-
-@pytest.fixture
-def sdxl_policy(sdxl_pipe):
-    return fresh_policy(sdxl_pipe, RESOLUTION)
-
-
 @pytest.mark.parametrize("objective", ["mapo", "diffusion_dpo", "diff_contrast"])
 def test_each_pair_objective_trains_the_sdxl_lora(sdxl_policy, pair_folder, clip_dir, tmp_path, objective):
     """On the SDXL-shaped pipeline (pooled text and size ids reach the UNet): one step moves the LoRA."""

@@ -20,20 +20,10 @@ from tailorpo.models import load_pipeline, save_lora
 from tailorpo.policy import DiffusionPolicy, PromptEmbeds
 from tailorpo.rewards import build_reward
 from tailorpo.rollouts import d3po_rollout, select_rows
-from tests.conftest import fresh_policy, lora_pipeline, perturb_lora
+from tests.conftest import perturb_lora
 
 PROMPTS = ["a cat", "a red car"]
 RESOLUTION = 64
-
-
-@pytest.fixture(scope="module")
-def sdxl_pipe():
-    return lora_pipeline("tiny-sdxl")
-
-
-@pytest.fixture
-def sdxl_policy(sdxl_pipe):
-    return fresh_policy(sdxl_pipe, RESOLUTION)
 
 
 def test_make_tiny_model_sdxl_writes_an_sdxl_pipeline_that_loads_through_the_path_route(tmp_path):
