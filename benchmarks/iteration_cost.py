@@ -24,7 +24,7 @@ on the real code path: ``collect_rollout`` followed by ``Learner.train_on``. It 
   /proc/self/clear_refs, or ru_maxrss as a fallback) minus the RSS after loading. TailorPO should not need
   more activation memory than D3PO: D3PO backpropagates through twice as many rows per step.
 
-Usage: python benchmarks/iteration_cost.py [--config launch/tiny.yaml] [--iterations 3] [--set KEY=VALUE ...]
+Usage: python benchmarks/iteration_cost.py [--config launch/tiny.yaml] [--iterations 3] [--quick] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from figures import Figure, add_figures_argument, text_table, write_figures
 
 from tailorpo.config import Config, ConfigError, load_config
 from tailorpo.learner import Learner
@@ -162,12 +164,30 @@ FIELDS = [("UNet evals, sampling", "sample_unet"), ("UNet evals, training", "tra
           ("VAE decodes, sampling", "sample_vae"), ("VAE decodes, training", "train_vae")]
 
 
+def _excess(cfg: Config, m: Measurement, field: str) -> list[int]:
+    """Each timed iteration's count minus its own minimum (0 everywhere when nothing is computed twice)."""
+    return [getattr(c, field) - getattr(expected(cfg, m.algorithm, c.pairs), field) for c in m.counts]
+
+
 def _check(cfg: Config, m: Measurement, shown: Counts, field: str) -> str:
     """The shown iteration's count and minimum; ok only if EVERY timed iteration hit its own minimum."""
     measured = getattr(shown, field)
-    diffs = [getattr(c, field) - getattr(expected(cfg, m.algorithm, c.pairs), field) for c in m.counts]
+    diffs = _excess(cfg, m, field)
     verdict = "ok" if not any(diffs) else "ABOVE" if max(diffs) > 0 else "below"
     return f"{measured} (min {getattr(expected(cfg, m.algorithm, shown.pairs), field)}, {verdict})"
+
+
+def _shown(m: Measurement) -> Counts:
+    """The iteration with the most pairs: ties (equal rewards) drop pairs before training."""
+    return max(m.counts, key=lambda c: c.pairs)
+
+
+def _evals_per_pair(c: Counts) -> float:
+    return (c.sample_unet + c.train_unet) / max(c.pairs, 1)
+
+
+def _seconds_per_pair(m: Measurement) -> float:
+    return (sum(m.sample_s) + sum(m.train_s)) / max(sum(c.pairs for c in m.counts), 1)
 
 
 def report(cfg: Config, results: dict[str, Measurement]) -> None:
@@ -179,30 +199,26 @@ def report(cfg: Config, results: dict[str, Measurement]) -> None:
     def ratio(a: float | None, c: float | None) -> str:
         return f"{a / c:.2f}" if a is not None and c else "-"
 
-    # Show the iteration with the most pairs: ties (equal rewards) drop pairs before training.
-    shown = {name: max(m.counts, key=lambda c: c.pairs) for name, m in results.items()}
+    shown = {name: _shown(m) for name, m in results.items()}
     a, c = shown["tailorpo"], shown["d3po"]
     rows = [("trained pairs", str(a.pairs), str(c.pairs), "")]
     for label, field in FIELDS:
         rows.append((label, _check(cfg, tp, a, field), _check(cfg, d3, c, field),
                      ratio(getattr(a, field), getattr(c, field))))
-    evals = {k: (v.sample_unet + v.train_unet) / max(v.pairs, 1) for k, v in shown.items()}
+    evals = {k: _evals_per_pair(v) for k, v in shown.items()}
     rows.append(("UNet evals per pair", f"{evals['tailorpo']:.1f}", f"{evals['d3po']:.1f}",
                  ratio(evals["tailorpo"], evals["d3po"])))
     for label, get in [("sampling s (median)", lambda m: statistics.median(m.sample_s)),
                        ("training s (median)", lambda m: statistics.median(m.train_s)),
-                       ("iteration s (median)", lambda m: statistics.median(map(sum, zip(m.sample_s, m.train_s)))),
-                       ("s per trained pair", lambda m: (sum(m.sample_s) + sum(m.train_s))
-                        / max(sum(c.pairs for c in m.counts), 1))]:
+                       ("iteration s (median)",
+                        lambda m: statistics.median(map(sum, zip(m.sample_s, m.train_s, strict=True)))),
+                       ("s per trained pair", _seconds_per_pair)]:
         x, y = get(tp), get(d3)
         rows.append((label, f"{x:.3f}", f"{y:.3f}", ratio(x, y)))
     x, y = tp.peak_growth_bytes / MiB, d3.peak_growth_bytes / MiB
     rows.append(("peak memory growth MiB", f"{x:.1f}", f"{y:.1f}", ratio(x, y)))
 
-    header = ("", "TailorPO", "D3PO", "TailorPO/D3PO")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    for r in [header, *rows]:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))))
+    print(text_table(("", "TailorPO", "D3PO", "TailorPO/D3PO"), rows))
     print(f"\nmemory: {tp.memory_kind}, growth over the state after model load, each algorithm in its own process")
     for name, m in results.items():
         pairs = [c.pairs for c in m.counts]
@@ -211,14 +227,35 @@ def report(cfg: Config, results: dict[str, Measurement]) -> None:
                   "the table shows the iteration with the most")
 
 
+def headline(cfg: Config, results: dict[str, Measurement]) -> list[Figure]:
+    """The spec's claims in three ratios, plus the count check that guards them."""
+    tp, d3 = results["tailorpo"], results["d3po"]
+    off = sum(any(_excess(cfg, m, field)) for m in results.values() for _, field in FIELDS)
+    a, c = _shown(tp), _shown(d3)
+    least = _evals_per_pair(expected(cfg, "tailorpo", a.pairs)) / _evals_per_pair(expected(cfg, "d3po", c.pairs))
+    return [
+        Figure("UNet/VAE counts off their minimum", off, "0 (else some eps is computed twice, or a count is lost)",
+               digits=0),
+        Figure("UNet evals per pair, TailorPO/D3PO", _evals_per_pair(a) / _evals_per_pair(c),
+               f"{least:.2f} at the minimum counts: one x_t serves both branches"),
+        Figure("time per pair, TailorPO/D3PO", _seconds_per_pair(tp) / _seconds_per_pair(d3),
+               "< 1 (spec: cheaper per pair); tiny model ~0.7, a regression guard, not an SD prediction"),
+        Figure("peak memory growth, TailorPO/D3PO", tp.peak_growth_bytes / max(d3.peak_growth_bytes, 1),
+               "<= 1: D3PO backpropagates twice the rows (tiny model ~0.65)"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="launch/tiny.yaml")
-    parser.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up")
+    parser.add_argument("--iterations", type=int, help="timed iterations after one warm-up (default 3, --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="one timed iteration (run_all.py --quick)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run (0: torch's default). "
                         "1 is the default because an oversubscribed OpenMP pool can be 50x slower on a busy machine")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_figures_argument(parser)
     args = parser.parse_args()
+    iterations = args.iterations or (1 if args.quick else 3)
     try:
         cfg = load_config(args.config, args.overrides)  # validate once before spawning
     except ConfigError as err:
@@ -227,11 +264,12 @@ def main() -> None:
     for algorithm in ALGORITHMS:
         start = time.perf_counter()
         with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-            job = pool.submit(measure, args.config, args.overrides, algorithm, args.iterations, args.threads)
+            job = pool.submit(measure, args.config, args.overrides, algorithm, iterations, args.threads)
             results[algorithm] = job.result()
         print(f"{algorithm}: measured in {time.perf_counter() - start:.1f}s (incl. process start and model load)")
     report(cfg, results)
     print(f"CPU threads per run: {args.threads or torch.get_num_threads()}")
+    write_figures(args.figures, headline(cfg, results))
 
 
 if __name__ == "__main__":

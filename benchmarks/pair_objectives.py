@@ -33,7 +33,7 @@ objectives alternating in one process (so the ratio is not process-to-process no
 with a warm cache, their ratio, Diff-contrast's time per pair, what the cache lookup and the weights W add to a
 step, and the one-time CLIP cost per pair of the first pass.
 
-Usage: python benchmarks/pair_objectives.py [--config launch/tiny.yaml] [--steps 8] [--batch 4] [--threads 1]
+Usage: python benchmarks/pair_objectives.py [--config launch/tiny.yaml] [--steps 8] [--batch 4] [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
+from figures import Figure, add_figures_argument, text_table, write_figures
 from iteration_cost import _peak_rss_bytes, _reset_peak_rss, _rss_bytes  # one RSS probe for every benchmark
 
 from tailorpo.config import Config, ConfigError, load_config
@@ -64,6 +65,7 @@ from tailorpo.trainer import build_policy, resolve_device, seed_everything
 MiB = 2**20
 T = TypeVar("T")
 SWEEP = (1, 2, 4, 8)
+QUICK_SWEEP = (1, 8)
 HEAP_SAMPLE_S = 2e-4
 
 
@@ -237,12 +239,6 @@ def in_process(fn: Callable[..., T], *args: Any) -> T:
         return pool.submit(fn, *args).result()
 
 
-def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-
-
 def report_mapo(mapo: StepCost, dpo: StepCost, cfg_text: str) -> None:
     print(f"\nMaPO vs Diffusion-DPO: {mapo.pairs} pairs per step, {cfg_text}, {len(mapo.step_s)} timed steps\n")
     t_mapo, t_dpo = statistics.median(mapo.step_s), statistics.median(dpo.step_s)
@@ -257,7 +253,7 @@ def report_mapo(mapo: StepCost, dpo: StepCost, cfg_text: str) -> None:
     if mapo.heap_growth_bytes is not None and dpo.heap_growth_bytes:
         h_mapo, h_dpo = mapo.heap_growth_bytes / MiB, dpo.heap_growth_bytes / MiB
         rows.append(("live-heap peak growth MiB", f"{h_mapo:.1f}", f"{h_dpo:.1f}", f"{h_mapo / h_dpo:.2f}"))
-    table(("", "MaPO", "Diffusion-DPO", "MaPO/DPO"), rows)
+    print(text_table(("", "MaPO", "Diffusion-DPO", "MaPO/DPO"), rows))
     print(f"\nMaPO is {1 - t_mapo / t_dpo:.1%} faster per step here; the paper reports 14.5% (SDXL, GPU, "
           "gradient checkpointing: see the module docstring for why the ratios differ).")
     print(f"memory: {mapo.memory_kind}. A separate reference UNet (Diffusion-DPO's original full fine-tuning) "
@@ -272,40 +268,68 @@ def report_sweep(sweep: dict[int, ContrastCost]) -> None:
         c, d = statistics.median(cost.contrast_s), statistics.median(cost.dpo_s)
         rows.append((str(m), f"{c:.3f}", f"{d:.3f}", f"{c / d:.2f}", f"{c / m:.3f}", f"{cost.lookup_s * 1000:.2f}",
                      f"{cost.clip_s_per_pair * 1000:.1f}"))
-    table(("M", "Diff-contrast s", "DPO s", "ratio", "Diff-contrast s/pair", "lookup + W ms", "CLIP ms/pair (once)"),
-          rows)
+    print(text_table(("M", "Diff-contrast s", "DPO s", "ratio", "Diff-contrast s/pair", "lookup + W ms",
+                      "CLIP ms/pair (once)"), rows))
+
+
+def headline(mapo: StepCost, dpo: StepCost, sweep: dict[int, ContrastCost]) -> list[Figure]:
+    """MaPO's saving (no reference forward) and Diff-contrast's price (none beyond Diffusion-DPO's) as ratios."""
+    figures = [
+        Figure("UNet rows per step, MaPO/DPO", mapo.unet_rows / dpo.unet_rows, "0.50: MaPO never runs the reference"),
+        Figure("step time, MaPO/DPO", statistics.median(mapo.step_s) / statistics.median(dpo.step_s),
+               "< 1: ~0.75 = (F+B)/(F_ref+F+B) on the tiny CPU model; paper 0.855 (SDXL, GPU)"),
+    ]
+    if mapo.heap_growth_bytes is not None and dpo.heap_growth_bytes:
+        figures.append(Figure("live-heap peak, MaPO/DPO", mapo.heap_growth_bytes / dpo.heap_growth_bytes,
+                              "1.00: the reference is the adapter-disabled UNet, freed before the trainable graph"))
+    else:
+        figures.append(Figure("peak memory growth, MaPO/DPO", mapo.peak_growth_bytes / max(dpo.peak_growth_bytes, 1),
+                              "<= 1 (CPU RSS is allocator-noisy: 0.65-0.9 seen on the tiny model)"))
+    small, large = min(sweep), max(sweep)
+    for m in (small, large):
+        figures.append(Figure(f"step time M={m}, Diff-contrast/DPO",
+                              statistics.median(sweep[m].contrast_s) / statistics.median(sweep[m].dpo_s),
+                              "~1 at every M: the same UNet rows; M x M weights and cached CLIP are negligible"))
+    per_pair = {m: statistics.median(sweep[m].contrast_s) / m for m in (small, large)}
+    figures.append(Figure(f"Diff-contrast s/pair, M={large} / M={small}", per_pair[large] / per_pair[small],
+                          "< 1: a larger in-batch M amortizes the per-step costs (tiny model ~0.5)"))
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="launch/tiny.yaml")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps after one warm-up")
+    parser.add_argument("--steps", type=int, help="timed steps after one warm-up (default 8, --quick 5)")
+    parser.add_argument("--quick", action="store_true", help=f"5 timed steps, M in {QUICK_SWEEP} (run_all.py --quick)")
     parser.add_argument("--batch", type=int, default=4, help="pairs per step for MaPO vs Diffusion-DPO")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run (0: torch's default)")
     parser.add_argument("--clip", help="CLIPModel (hub id or folder) for Diff-contrast (default: a tiny random "
                         "one, like the tests)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_figures_argument(parser)
     args = parser.parse_args()
+    steps, sweep_sizes = args.steps or (5 if args.quick else 8), QUICK_SWEEP if args.quick else SWEEP
     try:  # validate before spawning (a dummy source: the real one is written below)
         cfg = load_config(args.config, [*args.overrides, "algorithm.name=mapo", "pairs.source=synthetic"])
     except ConfigError as err:
         parser.error(str(err))
     with tempfile.TemporaryDirectory() as tmp:
         data, clip = Path(tmp) / "pairs", args.clip
-        write_synthetic_pairs(data, max(args.batch, *SWEEP) + 1, cfg.model.resolution)  # + 1: CLIP warm-up
+        write_synthetic_pairs(data, max(args.batch, *sweep_sizes) + 1, cfg.model.resolution)  # + 1: CLIP warm-up
         if clip is None:
             clip = str(Path(tmp) / "clip")
             write_tiny_clip(Path(clip))
         start = time.perf_counter()
         common = (args.config, args.overrides)
-        mapo, dpo = (in_process(measure, *common, name, args.batch, args.steps, args.threads, str(data))
+        mapo, dpo = (in_process(measure, *common, name, args.batch, steps, args.threads, str(data))
                      for name in ("mapo", "diffusion_dpo"))
-        sweep = {m: in_process(measure_contrast, *common, m, args.steps, args.threads, str(data), clip)
-                 for m in SWEEP}
+        sweep = {m: in_process(measure_contrast, *common, m, steps, args.threads, str(data), clip)
+                 for m in sweep_sizes}
         print(f"measured in {time.perf_counter() - start:.1f}s (one process per measurement)")
     report_mapo(mapo, dpo, f"model={cfg.model.pretrained} @ {cfg.model.resolution}px")
     report_sweep(sweep)
     print(f"CPU threads per run: {args.threads or torch.get_num_threads()}")
+    write_figures(args.figures, headline(mapo, dpo, sweep))
 
 
 if __name__ == "__main__":

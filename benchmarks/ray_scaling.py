@@ -12,7 +12,7 @@
 The tiny model makes the UNet cheap relative to fixed costs (Python, gRPC, Ray transfers), so the ratios here
 are a regression guard for the runtime's overheads, not a prediction of SD v1.5 on GPUs.
 
-Usage: python benchmarks/ray_scaling.py [--config launch/tiny.yaml] [--iterations 4] [--samplers 1 2 4]
+Usage: python benchmarks/ray_scaling.py [--config launch/tiny.yaml] [--iterations 4] [--samplers 1 2 4] [--quick]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from contextlib import contextmanager
 
 import ray
 import torch
+from figures import Figure, add_figures_argument, write_figures
 
 from tailorpo.config import Config, load_config
 from tailorpo.rewards.grpc_client import GrpcReward
@@ -90,38 +91,62 @@ def rollout_time_split(cfg: Config, rollouts: int) -> dict[str, float]:
     return {k: v / rollouts for k, v in seconds.items()}
 
 
+def headline(linear: dict[int, float], idle: dict[bool, float], split: dict[str, float]) -> list[Figure]:
+    """Scaling against linear per sampler count, what pipelining saves in idle time, and the rollout's split."""
+    cores = os.cpu_count()
+    figures = [Figure(f"samples/s ratio to linear, {n} samplers", ratio,
+                      f"1.00 is linear; falls once the actors outnumber the {cores} cores")
+               for n, ratio in linear.items() if n > 1]
+    figures += [Figure(f"sampler idle fraction, 2 samplers {'pipelined' if pipelined else 'on-policy'}",
+                       fraction,
+                       "below on-policy: samplers draw while the learner trains" if pipelined
+                       else "~ 2L / (S + 2L): waiting while the learner trains on both rollouts")
+                for pipelined, fraction in idle.items()]
+    figures += [Figure("reward / UNet time in a rollout", split["reward"] / split["unet"],
+                       "<< 1: reward calls over gRPC are not the sampler's bottleneck (tiny model ~0.2)")]
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="launch/tiny.yaml")
-    parser.add_argument("--iterations", type=int, default=4, help="iterations per run (each sampler: one rollout)")
+    parser.add_argument("--iterations", type=int, help="iterations per run, each sampler: one rollout "
+                        "(default 4, --quick 2)")
     parser.add_argument("--samplers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--quick", action="store_true", help="2 iterations per run, 1 timed rollout in the split")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_figures_argument(parser)
     args = parser.parse_args()
+    iterations = args.iterations or (2 if args.quick else 4)
     cfg = load_config(args.config, args.overrides)
 
     print(f"physical CPU cores: {os.cpu_count()}; one logical Ray CPU and one thread per actor")
     print("\nsamplers  samples/s  ratio to linear  idle fraction  s/rollout sampling  s/rollout training")
-    base = None
+    base, linear = None, {}
     for n in args.samplers:
-        summary = ray_run(args.config, args.overrides, n, args.iterations, pipeline=False)
+        summary = ray_run(args.config, args.overrides, n, iterations, pipeline=False)
         base = base or summary.samples_per_second / n
-        print(f"{n:>8}  {summary.samples_per_second:>9.2f}  {summary.samples_per_second / (n * base):>15.2f}  "
+        linear[n] = summary.samples_per_second / (n * base)
+        print(f"{n:>8}  {summary.samples_per_second:>9.2f}  {linear[n]:>15.2f}  "
               f"{summary.sampler_idle_fraction:>13.2f}  {summary.sample_seconds_per_rollout:>18.2f}  "
               f"{summary.train_seconds_per_rollout:>18.2f}")
 
     print("\n2 samplers   samples/s  idle fraction")
+    idle: dict[bool, float] = {}
     for pipeline in (False, True):
-        summary = ray_run(args.config, args.overrides, 2, args.iterations, pipeline)
+        summary = ray_run(args.config, args.overrides, 2, iterations, pipeline)
+        idle[pipeline] = summary.sampler_idle_fraction
         print(f"{'pipelined' if pipeline else 'on-policy':<11}  {summary.samples_per_second:>9.2f}  "
               f"{summary.sampler_idle_fraction:>13.2f}")
 
     torch.set_num_threads(1)
-    split = rollout_time_split(cfg, rollouts=3)
+    split = rollout_time_split(cfg, rollouts=1 if args.quick else 3)
     print(f"\none rollout ({cfg.algorithm.name}, batch {cfg.sampling.batch_size}, 1 thread): "
           f"{split['total']:.2f}s")
     for key in ("unet", "vae", "reward", "other"):
         print(f"  {key:<7} {split[key]:>7.3f}s  {split[key] / split['total']:>5.0%}")
     print(f"  reward / UNet time: {split['reward'] / split['unet']:.3f}")
+    write_figures(args.figures, headline(linear, idle, split))
 
 
 if __name__ == "__main__":

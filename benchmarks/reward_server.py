@@ -27,11 +27,12 @@ are the ratios inside one run, not the absolute times.
 The benchmark process runs torch with 1 thread. The servers get their default settings (torch's own thread
 count) and share the same 2 cores with the client, so their compute and the client's compete for CPU.
 
-Usage: TAILORPO_CACHE=/tmp/tc python benchmarks/reward_server.py
+Usage: TAILORPO_CACHE=/tmp/tc python benchmarks/reward_server.py [--quick]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import statistics
@@ -40,8 +41,10 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
+from figures import Figure, add_figures_argument, write_figures
 
 from reward_servers import load_reward_model
 from tailorpo._proto import reward_pb2
@@ -51,9 +54,17 @@ from tailorpo.rewards.wire import tensor_to_proto
 
 N_LATENCY = 4  # images per call in part 1
 FULL = 512
-LATENCY_ROUNDS = 40  # paired gRPC / in-process calls per row
-THREADS, PER_REQUEST, CALLS = 4, 2, 25  # part 3: threads x calls, each of PER_REQUEST images
-THROUGHPUT_ROUNDS = 5  # alternating batched / unbatched runs
+THREADS, PER_REQUEST = 4, 2  # part 3: client threads, images per request
+
+
+@dataclass(frozen=True)
+class Rounds:
+    latency: int  # paired gRPC / in-process calls per row
+    calls: int  # part 3: calls per thread per run
+    throughput: int  # alternating batched / unbatched runs
+
+
+ROUNDS, QUICK_ROUNDS = Rounds(latency=40, calls=25, throughput=5), Rounds(latency=12, calls=10, throughput=3)
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -115,7 +126,8 @@ def local_score(model, images: torch.Tensor, prompts: list[str], want_grad: bool
     return out.scores, grad
 
 
-def paired_latency(client: GrpcReward, model, images: torch.Tensor, prompts: list[str], want_grad: bool):
+def paired_latency(client: GrpcReward, model, images: torch.Tensor, prompts: list[str], want_grad: bool,
+                   rounds: int):
     """Median seconds per call for each path. The calls alternate (and so does which goes first) so that
     load spikes on the shared machine hit both paths alike. Also checks that the two paths agree."""
     for _ in range(3):  # warm-up: channel, allocator, lazy inits
@@ -125,7 +137,7 @@ def paired_latency(client: GrpcReward, model, images: torch.Tensor, prompts: lis
     if want_grad:
         torch.testing.assert_close(remote.grad, local[1], rtol=1e-3, atol=1e-6)
     grpc_t, local_t = [], []
-    for i in range(LATENCY_ROUNDS):
+    for i in range(rounds):
         order = ((client.score, grpc_t), (lambda *a: local_score(model, *a), local_t))
         for fn, sink in order if i % 2 == 0 else order[::-1]:
             start = time.perf_counter()
@@ -177,7 +189,37 @@ def throughput_run(stub, requests: list[reward_pb2.ScoreRequest], calls: int) ->
 # ---------------------------------------------------------------- main
 
 
+def headline(latency: dict[str, tuple[float, float]], wire_bytes: dict[str, tuple[float, float]],
+             images_per_s: dict[str, float], mean_batch: dict[str, float]) -> list[Figure]:
+    """Each part's ratio: what gRPC adds per call, what the resize and the wire dtype save, what batching buys."""
+    readings = {
+        "aesthetic": "> 1, an upper bound: the tiny model itself costs ~nothing",
+        "aesthetic, want_grad": "nearer 1: the backward weighs on both paths alike",
+        "jpeg, 512 px": "the transport's cost when nothing shrinks the images",
+    }
+    remote, local = latency["aesthetic"]
+    small32, big32 = wire_bytes["float32"]
+    return [
+        *(Figure(f"gRPC/in-process latency, {key}", latency[key][0] / latency[key][1], reading)
+          for key, reading in readings.items()),
+        Figure("gRPC overhead per call, aesthetic (ms)", (remote - local) * 1e3,
+               "what a reward step pays at any model size; small next to an SD-scale reward", digits=1),
+        Figure("bytes per image, 512 px / 224 px", big32 / small32, "(512/224)^2 = 5.22: the client-side resize"),
+        Figure("bytes per image, 512 px float32 / 224 px bfloat16", big32 / wire_bytes["bfloat16"][0],
+               "5.22 x 2 = 10.4: resize and a half-precision wire"),
+        Figure("throughput, batching/none", images_per_s["batched"] / images_per_s["unbatched"],
+               "> 1 only where a model call outlasts the 10 ms window (SD-scale); < 1 on tiny models"),
+        Figure("mean batch_size, batching/none", mean_batch["batched"] / mean_batch["unbatched"],
+               f"up to {THREADS}: the {THREADS} clients' requests merge into one model call"),
+    ]
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_ROUNDS} instead of {ROUNDS}")
+    add_figures_argument(parser)
+    args = parser.parse_args()
+    rounds = QUICK_ROUNDS if args.quick else ROUNDS
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
@@ -205,20 +247,22 @@ def main() -> int:
         # 1. latency
         aesthetic = load_reward_model("aesthetic", tiny=True)
         jpeg = load_reward_model("jpeg")
-        rows = [
-            ("aesthetic", "no", client("aesthetic"), aesthetic, False, "--max-wait-ms 0"),
-            ("aesthetic", "yes", clients[-1], aesthetic, True, "--max-wait-ms 0"),
-            ("jpeg", "no", client("jpeg"), jpeg, False, "--max-wait-ms 0"),
-            ("aesthetic", "no", client("batched"), aesthetic, False, "--max-wait-ms 10 (part 3)"),
+        rows = [  # (figure key, reward, grad, client, model, want_grad, server)
+            ("aesthetic", "aesthetic", "no", client("aesthetic"), aesthetic, False, "--max-wait-ms 0"),
+            ("aesthetic, want_grad", "aesthetic", "yes", clients[-1], aesthetic, True, "--max-wait-ms 0"),
+            ("jpeg, 512 px", "jpeg", "no", client("jpeg"), jpeg, False, "--max-wait-ms 0"),
+            ("aesthetic, 10 ms window", "aesthetic", "no", client("batched"), aesthetic, False,
+             "--max-wait-ms 10 (part 3)"),
         ]
-        print(f"1. Latency per call, median of {LATENCY_ROUNDS} alternating calls; batch of {N_LATENCY} "
+        print(f"1. Latency per call, median of {rounds.latency} alternating calls; batch of {N_LATENCY} "
               f"images {FULL}x{FULL} (client resizes to the server's native size)")
         header = (f"   {'reward':<10} {'grad':<5} {'sent as':<8} {'gRPC ms':>8} {'in-proc ms':>11} "
                   f"{'gRPC/in-proc':>13} {'overhead ms':>12}  server")
         print(header)
         print("   " + "-" * (len(header) - 3 + 20))
-        for name, grad_label, cl, model, want_grad, server_label in rows:
-            remote, local = paired_latency(cl, model, images, prompts, want_grad)
+        latency: dict[str, tuple[float, float]] = {}
+        for key, name, grad_label, cl, model, want_grad, server_label in rows:
+            remote, local = latency[key] = paired_latency(cl, model, images, prompts, want_grad, rounds.latency)
             sent = f"{cl.image_size or FULL}px"
             print(f"   {name:<10} {grad_label:<5} {sent:<8} {remote * 1e3:8.1f} {local * 1e3:11.1f} "
                   f"{remote / local:12.2f}x {(remote - local) * 1e3:12.1f}  {server_label}")
@@ -252,13 +296,13 @@ def main() -> int:
             throughput_run(stub, requests, 2)  # warm-up
         rates: dict[str, list[float]] = {k: [] for k in stubs}
         sizes: dict[str, list[int]] = {k: [] for k in stubs}
-        for i in range(THROUGHPUT_ROUNDS):
+        for i in range(rounds.throughput):
             for key in (("batched", "unbatched") if i % 2 == 0 else ("unbatched", "batched")):
-                rate, batch_sizes = throughput_run(stubs[key], requests, CALLS)
+                rate, batch_sizes = throughput_run(stubs[key], requests, rounds.calls)
                 rates[key].append(rate)
                 sizes[key].extend(batch_sizes)
-        print(f"\n3. Throughput, tiny aesthetic: {THREADS} client threads x {CALLS} calls x {PER_REQUEST} images "
-              f"(224px), median of {THROUGHPUT_ROUNDS} alternating runs")
+        print(f"\n3. Throughput, tiny aesthetic: {THREADS} client threads x {rounds.calls} calls x {PER_REQUEST} "
+              f"images (224px), median of {rounds.throughput} alternating runs")
         print(f"   {'server':<50} {'images/s':>9} {'mean batch_size':>16} {'max':>4}")
         print("   " + "-" * 82)
         labels = {"batched": "batching (--max-batch-size 16 --max-wait-ms 10)",
@@ -272,6 +316,7 @@ def main() -> int:
         print(f"   (runs, images/s: batching {', '.join(f'{r:.0f}' for r in rates['batched'])}; "
               f"no batching {', '.join(f'{r:.0f}' for r in rates['unbatched'])})")
         print(f"\ntotal {time.perf_counter() - t0:.1f}s")
+        write_figures(args.figures, headline(latency, sizes_b, med, mean_bs))
         return 0
     finally:
         for cl in clients:

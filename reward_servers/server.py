@@ -3,20 +3,23 @@
 - Dynamic batching: concurrent Score calls wait up to ``max_wait_ms`` to share one model call of at most
   ``max_batch_size`` images (calls with the same image size and want_grad are grouped).
 - Backpressure: at most ``max_queue`` Score requests are admitted at once (queued or being scored); more
-  are answered RESOURCE_EXHAUSTED instead of growing a queue without end. Each admitted call holds one
-  handler thread while it waits, so the thread pool has ``max_queue + HEADROOM`` threads (the headroom
-  answers health checks, Info and the RESOURCE_EXHAUSTED replies themselves) and grpc's
-  ``maximum_concurrent_rpcs`` is the same number, so grpc answers RESOURCE_EXHAUSTED itself beyond it
-  rather than parking calls in its own unbounded queue.
+  are answered RESOURCE_EXHAUSTED instead of growing a queue without end; while the queue is full an
+  interceptor answers so before grpc reads the request, so overload costs no receiving and parsing. Each
+  admitted call holds one handler thread while it waits, so the thread pool has ``max_queue + HEADROOM``
+  threads (the headroom answers health checks, Info and the RESOURCE_EXHAUSTED replies themselves) and
+  grpc's ``maximum_concurrent_rpcs`` is the same number, so grpc answers RESOURCE_EXHAUSTED itself beyond
+  it rather than parking calls in its own unbounded queue.
 - Deadlines and cancellation: a call whose deadline already passed is refused up front; a caller that
   gives up (deadline or cancel) frees its queue slot at once and is never scored.
 - Validation: shape, dtype, byte count, NaN/inf, values outside [0, 1], prompt count, empty batch ->
   INVALID_ARGUMENT naming the problem; want_grad on a non-differentiable reward -> FAILED_PRECONDITION; a
-  model returning the wrong number of scores or a wrongly shaped gradient -> INTERNAL naming the mismatch.
+  model returning the wrong number of scores, a wrongly shaped gradient or NaN/inf -> INTERNAL naming it.
 - Security: binds 127.0.0.1 unless told otherwise and refuses a port another process holds (no
-  SO_REUSEPORT); optional bearer token for RewardService (UNAUTHENTICATED without it) and TLS. The
-  grpc.health.v1 service is deliberately unauthenticated so load balancers and probes need no secret; it
-  reveals only SERVING / NOT_SERVING.
+  SO_REUSEPORT); optional bearer token (UNAUTHENTICATED without it), checked by an interceptor before grpc
+  reads the request, so an unauthenticated caller cannot make the server receive or parse up to
+  ``max_message_mb``; TLS, and mutual TLS when a client CA is given. The grpc.health.v1 service is
+  deliberately unauthenticated so load balancers and probes need no secret; it reveals only SERVING /
+  NOT_SERVING. Every other method, including any service added later, needs the token.
 - SIGTERM/SIGINT finish in-flight work before exiting; calls arriving during shutdown get UNAVAILABLE.
 """
 
@@ -28,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +47,8 @@ from tailorpo.rewards.wire import PROTOCOL_VERSION, WireError, tensor_from_proto
 log = logging.getLogger("tailorpo.reward_server")
 SERVICE_NAME = "tailorpo.reward.v1.RewardService"
 HEADROOM = 8  # handler threads beyond max_queue: health, Info and fast rejections never wait for a thread
+HEALTH_PREFIX = "/grpc.health.v1.Health/"  # the only methods served without the token
+SCORE_METHOD = f"/{SERVICE_NAME}/Score"
 
 
 @dataclass
@@ -57,10 +62,22 @@ class ServerConfig:
     token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_client_ca: str | None = None  # mutual TLS: only clients with a certificate signed by this CA connect
     grace_s: float = 30.0
 
+    def __post_init__(self) -> None:
+        """Checked before a model loads, so a bad flag combination costs no model load."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs the server's own --tls-cert and --tls-key")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                           ("--tls-client-ca", self.tls_client_ca)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
 
-@dataclass
+
+@dataclass(eq=False)  # identity: a generated __eq__ in _pending.remove(r) compares images and raises on mixed shapes
 class _Request:
     images: torch.Tensor
     prompts: list[str]
@@ -117,11 +134,20 @@ class Batcher:
                 raise BatcherUnavailable("server is shutting down")
             if self._failure is not None or not self._thread.is_alive():  # _failure: set before the thread ends
                 raise BatcherUnavailable(f"the reward batcher is not running (it failed: {self._failure!r})")
-            admitted = len(self._pending) + sum(not (r.cancelled or r.done.is_set()) for r in self._in_flight)
+            admitted = self._admitted()
             if admitted >= self.max_queue:
                 raise QueueFull(f"{admitted} requests already admitted (max_queue={self.max_queue})")
             self._pending.append(request)
             self._cond.notify_all()
+
+    def full(self) -> bool:
+        """Whether ``submit`` would refuse now: a cheap look before a request is even read."""
+        with self._cond:
+            return self._admitted() >= self.max_queue
+
+    def _admitted(self) -> int:
+        """Requests queued or being scored whose callers still wait (the caller holds ``_cond``)."""
+        return len(self._pending) + sum(not (r.cancelled or r.done.is_set()) for r in self._in_flight)
 
     def cancel(self, request: _Request) -> None:
         """The caller gave up: free its slot now rather than when the batcher would reach it."""
@@ -202,6 +228,8 @@ class Batcher:
             if want_grad and (out.grad is None or out.grad.shape != images.shape):
                 got = None if out.grad is None else tuple(out.grad.shape)
                 raise RuntimeError(f"model returned a gradient of shape {got} for images {tuple(images.shape)}")
+            if want_grad and not torch.isfinite(out.grad).all():  # scores: RewardModel.score checks them
+                raise RuntimeError("model returned a non-finite gradient (NaN or inf): it would reach the latents")
         except Exception as err:  # noqa: BLE001 - every waiting caller must hear about it
             log.exception("model call failed")
             for r in batch:
@@ -224,6 +252,57 @@ _ERROR_CODES = {
 }
 
 
+def _refusal(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    """A handler answering ``code`` without reading the request: grpc hands a streaming-request handler the
+    request unread, where a unary handler would first receive the whole message and parse it."""
+
+    def refuse(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> None:
+        context.abort(code, details)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+_UNAUTHENTICATED = _refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization'")
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Checks the token from the call's metadata before any handler runs: a caller without it cannot make the
+    server receive or parse a request body. Health checks pass without it (see the module docstring)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method.startswith(HEALTH_PREFIX):
+            return continuation(handler_call_details)
+        got = dict(handler_call_details.invocation_metadata).get("authorization", "")
+        # constant time, so the token cannot be guessed byte by byte from response times
+        if hmac.compare_digest(got.encode(), self._expected):
+            return continuation(handler_call_details)
+        return _UNAUTHENTICATED
+
+
+class AdmissionInterceptor(grpc.ServerInterceptor):
+    """Refuses Score while the queue is full before grpc reads the request, so an overloaded server spends
+    nothing on receiving and parsing requests it cannot take (``Batcher.submit`` still has the last word)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+        self._busy = _refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: max_queue={batcher.max_queue} "
+                             "requests already admitted; retry with backoff")
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method == SCORE_METHOD and self.batcher.full():
+            return self._busy
+        return continuation(handler_call_details)
+
+
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(
         self, model: RewardModel, config: ServerConfig, score_notes: str = "",
@@ -233,18 +312,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self.config = config
         self.score_notes = score_notes
         self.batcher = Batcher(model, config.max_batch_size, config.max_wait_ms / 1000, config.max_queue, on_failure)
-        self._expected = None if config.token is None else f"Bearer {config.token}".encode()
-
-    def _authorize(self, context: grpc.ServicerContext) -> None:
-        """Constant-time comparison, so the token cannot be guessed byte by byte from response times."""
-        if self._expected is None:
-            return
-        got = dict(context.invocation_metadata()).get("authorization", "")
-        if not hmac.compare_digest(got.encode(), self._expected):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization'")
 
     def Info(self, request: reward_pb2.InfoRequest, context: grpc.ServicerContext) -> reward_pb2.InfoResponse:
-        self._authorize(context)
         return reward_pb2.InfoResponse(
             name=self.model.name,
             model_id=getattr(self.model, "model_id", self.model.name),
@@ -256,11 +325,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
 
     def Score(self, request: reward_pb2.ScoreRequest, context: grpc.ServicerContext) -> reward_pb2.ScoreResponse:
-        self._authorize(context)
         try:
             images = tensor_from_proto(request.images, "images").float()
             prompts = list(request.prompts)
             validate_reward_input(images, prompts)
+            self.model.check_prompts(prompts)
         except (WireError, RewardInputError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         if request.want_grad and not self.model.differentiable:
@@ -316,15 +385,6 @@ def start_server(
     the batcher crashes, health turns NOT_SERVING and ``on_failure`` runs."""
     max_bytes = config.max_message_mb * 2**20
     threads = config.max_queue + HEADROOM
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reward-rpc"),
-        options=[
-            ("grpc.max_receive_message_length", max_bytes),
-            ("grpc.max_send_message_length", max_bytes),
-            ("grpc.so_reuseport", 0),  # grpc's default 1 would let a second server share (and split) the port
-        ],
-        maximum_concurrent_rpcs=threads,  # beyond it grpc answers RESOURCE_EXHAUSTED instead of queueing
-    )
     health_servicer = health.HealthServicer()
 
     def not_serving() -> None:
@@ -334,15 +394,26 @@ def start_server(
             on_failure()
 
     servicer = RewardServicer(model, config, score_notes, not_serving)
+    authentication = [] if config.token is None else [BearerTokenInterceptor(config.token)]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reward-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.so_reuseport", 0),  # grpc's default 1 would let a second server share (and split) the port
+        ],
+        maximum_concurrent_rpcs=threads,  # beyond it grpc answers RESOURCE_EXHAUSTED instead of queueing
+        interceptors=[*authentication, AdmissionInterceptor(servicer.batcher)],  # in this order
+    )
     reward_pb2_grpc.add_RewardServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
     try:
-        if config.tls_cert or config.tls_key:
-            if not (config.tls_cert and config.tls_key):
-                raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if config.tls_cert:
+            client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
             credentials = grpc.ssl_server_credentials(
-                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+                root_certificates=client_ca, require_client_auth=client_ca is not None,
             )
             port = server.add_secure_port(address, credentials)
         else:

@@ -1,4 +1,4 @@
-"""``tailorpo train | make-tiny-model | serve-reward | build-style-pairs``."""
+"""``tailorpo train | eval | make-tiny-model | train-tiny-shapes | serve-reward | build-style-pairs | sample-pairs``."""
 
 from __future__ import annotations
 
@@ -17,12 +17,23 @@ def main(argv: list[str] | None = None) -> int:
                          help="override a field, e.g. --set optim.lr=1e-4 (repeatable)")
     train_p.add_argument("--no-progress", action="store_true", help="no progress bar")
     train_p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    eval_p = sub.add_parser("eval", help="a trained LoRA against its base model on the eval prompts (same noise): "
+                            "reward mean and std, win rate, a table and an image grid")
+    eval_p.add_argument("config", help="the run's YAML config, e.g. OUTPUT_DIR/config.yaml")
+    eval_p.add_argument("--lora", help="LoRA folder written by tailorpo train (default: OUTPUT_DIR/lora)")
+    eval_p.add_argument("--out", help="report folder (default: OUTPUT_DIR/eval_report)")
+    eval_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set eval.images_per_prompt=5 (repeatable)")
     tiny_p = sub.add_parser("make-tiny-model", help="write the tiny SD-shaped (or SDXL-shaped) pipeline to DIR")
     tiny_p.add_argument("dir")
     tiny_p.add_argument("--seed", type=int, default=0)
     tiny_p.add_argument("--sdxl", action="store_true", help="SDXL-shaped: two text encoders, pooled and size ids")
+    shapes_p = sub.add_parser("train-tiny-shapes", help="train the tiny-shapes model and its classifier reward on "
+                              "synthetic shapes (CPU, about 15 min) and write them to DIR")
+    shapes_p.add_argument("dir", help="e.g. tailorpo/assets/tiny-shapes to regenerate the shipped model")
+    shapes_p.add_argument("--seed", type=int, default=0)
     serve_p = sub.add_parser("serve-reward", help="serve a reward model over gRPC")
-    serve_p.add_argument("name", help="aesthetic, imagereward, pickscore, hpsv2, jpeg or colorfulness")
+    serve_p.add_argument("name", help="aesthetic, imagereward, pickscore, hpsv2, shapes, jpeg or colorfulness")
     serve_p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve_p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve_p.add_argument("--device", default="cpu")
@@ -34,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--token-env", help="name of an environment variable holding the bearer token")
     serve_p.add_argument("--tls-cert")
     serve_p.add_argument("--tls-key")
+    serve_p.add_argument("--tls-client-ca", help="mutual TLS: accept only clients whose certificate this CA signed")
     style_p = sub.add_parser("build-style-pairs", help="MaPO's Pick-Style / Pick-Safety: a pair folder sampled "
                              "from the config's base model with a preferred and a dispreferred prompt prefix")
     style_p.add_argument("config", help="YAML config: model, resolution, sampling steps and guidance, seed")
@@ -46,47 +58,74 @@ def main(argv: list[str] | None = None) -> int:
     style_p.add_argument("--dispreferred-prefix", help="prefix of the dispreferred image's prompt")
     style_p.add_argument("--images-per-prompt", type=int, default=1)
     style_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sample_p = sub.add_parser("sample-pairs", help="a pair folder of the config's base model's own samples, two "
+                              "per prompt ranked by the config's reward (ties skipped)")
+    sample_p.add_argument("config", help="YAML config: model, sampling, reward, prompts, seed")
+    sample_p.add_argument("out", help="pair folder to append to (pairs.jsonl + images/)")
+    sample_p.add_argument("--count", type=int, required=True, help="pairs to write (at least; whole batches)")
+    sample_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-
-    if args.command == "make-tiny-model":
-        from tailorpo.models import make_tiny_model
-
-        print(f"wrote {make_tiny_model(args.dir, args.seed, sdxl=args.sdxl)}")
-        return 0
-    if args.command == "serve-reward":
-        return serve_reward(args)
-    if args.command == "build-style-pairs":
-        return build_style_pairs(args)
+    commands = {"train": train, "eval": evaluate_lora, "make-tiny-model": make_tiny_model,
+                "train-tiny-shapes": train_tiny_shapes, "serve-reward": serve_reward,
+                "build-style-pairs": build_style_pairs, "sample-pairs": sample_pairs}
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+        return commands[args.command](args)
+    except ConfigError as err:  # first: a bad config must not import the model libraries below
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except user_errors() as err:  # evaluated only when something else is raised: the imports stay lazy
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors in what the user gave (data, LoRA, reward servers): one line and exit code 2, no traceback."""
+    from tailorpo.models import LoraLoadError
     from tailorpo.pair_data import PairDataError
     from tailorpo.rewards.grpc_client import RewardServerError
-    from tailorpo.trainer import train  # heavy imports only once the config is known to be good
 
-    if cfg.algorithm.name in PAIR_ALGORITHMS:
-        from tailorpo.pair_trainer import train_pairs as train
+    return LoraLoadError, PairDataError, RewardServerError
+
+
+def make_tiny_model(args: argparse.Namespace) -> int:
+    from tailorpo.models import make_tiny_model as make
+
+    print(f"wrote {make(args.dir, args.seed, sdxl=args.sdxl)}")
+    return 0
+
+
+def train_tiny_shapes(args: argparse.Namespace) -> int:
+    from tailorpo.tiny_shapes import train_tiny_shapes as train_shapes
+
+    train_shapes(args.dir, args.seed)
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from tailorpo.rewards import RewardInputError
+    from tailorpo.trainer import train as run  # heavy imports only once the config is known to be good
+
+    if cfg.algorithm.name in PAIR_ALGORITHMS and cfg.pairs.source:
+        from tailorpo.pair_trainer import train_pairs as run
     elif cfg.runtime.samplers:
-        from tailorpo.runtime.driver import train_on_ray as train
+        from tailorpo.runtime.driver import train_on_ray as run
     try:
-        print(train(cfg, progress=not args.no_progress, resume=args.resume).text())
-    except (ConfigError, RewardServerError, PairDataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(run(cfg, progress=not args.no_progress, resume=args.resume).text())
+    except (FloatingPointError, RewardInputError) as err:  # NaN/inf in a loss, the latents or the rewards
+        cause = " (the policy's samples: a diverged LoRA? lower optim.lr)" if isinstance(err, RewardInputError) else ""
+        print(f"error: training stopped: {err}{cause}\nnothing was trained on it; the newest checkpoint in "
+              f"{cfg.output_dir} (train.checkpoint_every) precedes it: fix the cause and rerun with --resume "
+              "(or afresh, if the LoRA itself diverged)", file=sys.stderr)
+        return 1
     return 0
 
 
 def build_style_pairs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from tailorpo.style_pairs import RECIPES, build_style_pairs as build  # heavy: only with a good config
+    cfg = load_config(args.config, args.overrides)
+    from tailorpo.pair_builders import RECIPES, build_style_pairs as build  # heavy: only with a good config
 
     preferred, dispreferred = RECIPES[args.recipe]
     preferred = preferred if args.preferred_prefix is None else args.preferred_prefix
@@ -106,6 +145,20 @@ def build_style_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def sample_pairs(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from tailorpo.pair_builders import build_reward_pairs
+
+    try:
+        written, ties = build_reward_pairs(cfg, args.out, args.count)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ranked_by = "the reward servers" if cfg.reward.servers else cfg.reward.name
+    print(f"wrote {written} pairs to {args.out} ranked by {ranked_by} ({ties} ties skipped)")
+    return 0
+
+
 def serve_reward(args: argparse.Namespace) -> int:
     import os
 
@@ -120,6 +173,11 @@ def serve_reward(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     try:
+        config = ServerConfig(
+            host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+            max_queue=args.max_queue, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+        )
         model = load_reward_model(args.name, args.weights, tiny=args.tiny, device=args.device)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -127,11 +185,24 @@ def serve_reward(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.tls_cert:
         print(f"warning: --host {args.host} is reachable from other machines and TLS is off: images, scores "
               "and the token travel in plaintext; give --tls-cert and --tls-key", file=sys.stderr)
-    config = ServerConfig(
-        host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
-    )
     serve_forever(model, config, SCORE_NOTES.get(args.name, ""))
+    return 0
+
+
+def evaluate_lora(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    cfg = load_config(args.config, args.overrides)
+    lora = Path(args.lora or Path(cfg.output_dir) / "lora")
+    if not args.lora and not lora.exists():
+        print(f"error: no LoRA at {lora} (the config's output_dir/lora); train first, or give --lora DIR",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out or Path(cfg.output_dir) / "eval_report")
+    from tailorpo.evaluation import REPORT_FILES, markdown_table, run_eval  # heavy: only with a good config
+
+    rows = run_eval(cfg, lora, out)
+    print(f"{markdown_table(rows)}\nwrote {', '.join(REPORT_FILES)} to {out}")
     return 0
 
 

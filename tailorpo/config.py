@@ -29,7 +29,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     pretrained: str = Field(
         "runwayml/stable-diffusion-v1-5",
-        description="Hub id, local diffusers folder, or 'tiny-sd' (built-in random-weight SD-shaped model).",
+        description="Hub id, local diffusers folder, 'tiny-sd' (built-in random-weight SD-shaped model) or "
+        "'tiny-shapes' (trained here on synthetic shapes, 32 px; shipped in the package).",
     )
     revision: str | None = None
     resolution: int = Field(512, gt=0, multiple_of=8, description="Image side in pixels.")
@@ -68,8 +69,9 @@ class DDPOConfig(Section):
 
 class AlgorithmConfig(Section):
     name: Literal["tailorpo", "tailorpo_g", "d3po", "ddpo", "diffusion_dpo", "mapo", "diff_contrast"] = Field(
-        "tailorpo", description="Online: tailorpo, tailorpo_g, d3po, ddpo. Offline, on pairs of final images "
-        "(see pairs): diffusion_dpo, mapo, diff_contrast."
+        "tailorpo", description="Step-wise or trajectory objectives: tailorpo, tailorpo_g, d3po, ddpo. On pairs "
+        "of final images: diffusion_dpo, mapo, diff_contrast, from pairs.source (offline) or, without it, from "
+        "the policy's own samples (two per prompt ranked by the reward)."
     )
     fine_tuned_steps: list[int] = Field(
         [20, 16, 12, 8, 4],
@@ -114,7 +116,7 @@ class RewardServerConfig(Section):
 
 
 class LaunchedRewardServer(Section):
-    name: str = Field(description="Servable reward: aesthetic, imagereward, pickscore, hpsv2, jpeg, colorfulness.")
+    name: str = Field(description="Servable reward: aesthetic, imagereward, pickscore, hpsv2, shapes, jpeg, colorfulness.")
     weights: str | None = Field(None, description="Hub id or path of the checkpoint (default: the published one).")
     tiny: bool = Field(False, description="Tiny random weights of the same architecture (tests).")
     device: str = "cpu"
@@ -123,16 +125,25 @@ class LaunchedRewardServer(Section):
     resources: ActorResources = Field(ActorResources(), description="Where the server's owner actor is placed.")
     tls_cert: str | None = Field(None, description="Server certificate (PEM) on the server's node; with tls_key.")
     tls_key: str | None = Field(None, description="Its private key (PEM). Clients verify it with reward.tls_ca.")
+    tls_client_ca: str | None = Field(
+        None, description="Mutual TLS: CA (PEM, on the server's node) that must have signed each client's "
+        "certificate (reward.tls_client_cert); needs tls_cert."
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> LaunchedRewardServer:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key: give both (TLS) or neither (plaintext)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs the server's own tls_cert and tls_key")
         return self
 
 
 class RewardConfig(Section):
-    name: str = Field("jpeg", description="In-process reward ('jpeg' or 'colorfulness'), used without servers.")
+    name: str = Field(
+        "jpeg", description="In-process reward, used without servers: 'jpeg', 'colorfulness', or a learned one with "
+        "its default weights ('shapes', 'aesthetic', ...)."
+    )
     servers: list[RewardServerConfig] = Field(
         [], description="gRPC reward servers (`tailorpo serve-reward`); several are summed with their weights."
     )
@@ -146,12 +157,33 @@ class RewardConfig(Section):
     )
     token_env: str | None = Field(None, description="Environment variable holding the servers' bearer token.")
     tls_ca: str | None = Field(None, description="CA certificate (PEM) to verify TLS servers; null: plaintext.")
+    tls_client_cert: str | None = Field(
+        None, description="Client certificate (PEM) for servers that require one (mutual TLS); needs tls_ca."
+    )
+    tls_client_key: str | None = Field(None, description="The client certificate's private key (PEM).")
+
+    @model_validator(mode="after")
+    def _client_tls(self) -> RewardConfig:
+        """Fails at load what would otherwise fail at the first connection, after the models loaded."""
+        if bool(self.tls_client_cert) != bool(self.tls_client_key):
+            raise ValueError("tls_client_cert and tls_client_key: give both (mutual TLS) or neither")
+        if self.tls_client_cert and not self.tls_ca:
+            raise ValueError("tls_client_cert: a client certificate is only sent over TLS; set reward.tls_ca")
+        if any(s.tls_client_ca for s in self.launch) and not self.tls_client_cert:
+            raise ValueError("launch: a server with tls_client_ca accepts only clients with a certificate; "
+                             "set reward.tls_client_cert and tls_client_key")
+        return self
 
 
 class EvalConfig(Section):
+    """The fixed-noise evaluation of the end of a run, of ``eval.every`` and of ``tailorpo eval``."""
+
     prompts: list[str] = Field(["a cat", "a dog", "a horse", "a bird"], min_length=1)
-    images_per_prompt: int = Field(2, ge=1)
-    seed: int = 1234
+    images_per_prompt: int = Field(5, ge=1, description="Images of each prompt (5: the paper's protocol).")
+    seed: int = Field(1234, description="Batch j of images draws its noise from seed + j.")
+    batch_size: int = Field(
+        8, ge=1, description="Images sampled and scored at a time; base and LoRA share the noise of each batch."
+    )
     every: int = Field(
         0, ge=0, description="Also every N optimizer updates: eval reward to TensorBoard and an image grid in "
         "output_dir/eval (0: only base vs trained at the end)."
@@ -190,7 +222,7 @@ class RuntimeConfig(Section):
     )
 
 
-PAIR_ALGORITHMS = ("diffusion_dpo", "mapo", "diff_contrast")  # train on pairs.source, not on own samples
+PAIR_ALGORITHMS = ("diffusion_dpo", "mapo", "diff_contrast")  # pairs of final images: pairs.source or own samples
 
 
 class MapoConfig(Section):
@@ -214,11 +246,14 @@ class DiffContrastConfig(Section):
 
 
 class PairsConfig(Section):
-    """The offline objectives' data and hyper-parameters. For them train.total_samples counts pairs trained on
-    (the data position a checkpoint stores), and reward is only the evaluation reward."""
+    """The pair objectives' data and hyper-parameters. With a source, train.total_samples counts pairs trained on
+    (the data position a checkpoint stores) and reward is only the evaluation reward; without one, the pairs are
+    the policy's own samples (sampling.batch_size prompts, two images each, ranked by reward, ties dropped) and
+    train.total_samples counts images as for the other objectives."""
 
     source: str | None = Field(
-        None, description="Pair folder (pairs.jsonl), Pick-a-Pic-style .parquet file or folder of shards, or a "
+        None, description="null: pairs of the policy's own samples (online, runs on Ray too). Else a pair "
+        "folder (pairs.jsonl), Pick-a-Pic-style .parquet file or folder of shards, or a "
         "datasets hub id such as yuvalkirstain/pickapic_v2. Read again from the start after each pass."
     )
     split: str = Field("train", description="Split of a hub dataset.")
@@ -226,7 +261,10 @@ class PairsConfig(Section):
     on_error: Literal["skip", "raise"] = Field(
         "skip", description="A bad row (undecodable image, missing field): skip and count it, or stop the run."
     )
-    batch_size: int = Field(4, ge=1, description="Pairs per learner step; Diff-contrast's in-batch M.")
+    batch_size: int = Field(
+        4, ge=1, description="Pairs per learner step with pairs.source; Diff-contrast's in-batch M (online: "
+        "sampling.batch_size prompts give up to that many pairs)."
+    )
     beta: float = Field(
         2000.0, gt=0, description="Diffusion-DPO and Diff-contrast temperature. Default 2000, the papers' SD1.5 "
         "value; use 5000 for SDXL."
@@ -254,7 +292,8 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
-        from tailorpo.rewards import REWARDS
+        from reward_servers import SERVABLE
+        from tailorpo.rewards import REWARDS, TorchReward  # learned rewards (not in REWARDS) are torch models
 
         problems = []
         steps = self.algorithm.fine_tuned_steps
@@ -271,9 +310,9 @@ class Config(Section):
                             "them with `tailorpo serve-reward` and list them in reward.servers")
         if self.reward.servers or self.reward.launch:
             pass  # whether a server's reward is differentiable is known once it answers Info
-        elif self.reward.name not in REWARDS:
-            problems.append(f"reward.name: {self.reward.name!r} is unknown; choose one of {sorted(REWARDS)}")
-        elif self.algorithm.name == "tailorpo_g" and not REWARDS[self.reward.name].differentiable:
+        elif self.reward.name not in SERVABLE:
+            problems.append(f"reward.name: {self.reward.name!r} is unknown; choose one of {SERVABLE}")
+        elif self.algorithm.name == "tailorpo_g" and not REWARDS.get(self.reward.name, TorchReward).differentiable:
             problems.append(
                 f"algorithm.name: 'tailorpo_g' needs a differentiable reward, and reward.name="
                 f"{self.reward.name!r} is not; use algorithm.name=tailorpo or a differentiable reward"
@@ -285,14 +324,12 @@ class Config(Section):
                 "sampling.batch_size: must be a multiple of algorithm.ddpo.samples_per_prompt "
                 f"({self.sampling.batch_size} vs {self.algorithm.ddpo.samples_per_prompt})"
             )
-        if self.algorithm.name in PAIR_ALGORITHMS and not self.pairs.source:
+        if self.algorithm.name in PAIR_ALGORITHMS and self.pairs.source and self.runtime.samplers:
             problems.append(
-                f"pairs.source: algorithm.name={self.algorithm.name!r} trains on pairs of final images; set "
-                "pairs.source to a pair folder, a .parquet file or folder, or a hub id (yuvalkirstain/pickapic_v2)"
+                f"runtime.samplers: algorithm.name={self.algorithm.name!r} with pairs.source reads its pairs in one "
+                "process (there is nothing to sample); set runtime.samplers=0 (under `ray job submit`, place the "
+                "job with --entrypoint-num-gpus 1), or unset pairs.source to train on the samplers' own pairs"
             )
-        if self.algorithm.name in PAIR_ALGORITHMS and self.runtime.samplers:
-            problems.append(f"runtime.samplers: algorithm.name={self.algorithm.name!r} reads its pairs in one "
-                            "process (there is nothing to sample); set runtime.samplers=0")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -306,6 +343,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  {field}: unknown field; remove it or check its spelling")
         elif field == "(top level)":
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        elif isinstance(e.get("input"), dict):  # a section's own check: its message names the fields
+            lines.append(f"  {field}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 Every model goes through ``load_pipeline``: a hub id (``runwayml/stable-diffusion-v1-5``,
 ``stabilityai/stable-diffusion-xl-base-1.0``), a local diffusers folder, or a built-in name ``tiny-sd`` /
 ``tiny-sdxl`` (first written to a cache folder by ``make_tiny_model`` and then loaded from that folder like any
-local model).
+local model), or ``tiny-shapes`` (trained by ``tailorpo/tiny_shapes.py``, kept in the package).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import gzip
 import json
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from diffusers import (
@@ -25,8 +26,12 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from tailorpo.shapes import IMAGE_SIZE as SHAPES_RESOLUTION
+from tailorpo.shapes import SHAPES_MODEL_DIR
 
 Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
 # model_index.json's _class_name -> the pipeline class load_pipeline builds
@@ -35,6 +40,7 @@ PIPELINE_CLASSES: dict[str, type[Pipeline]] = {
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
 }
 TINY_MODELS = {"tiny-sd": False, "tiny-sdxl": True}  # built-in name -> sdxl
+SHIPPED_MODELS = {"tiny-shapes": SHAPES_MODEL_DIR}  # built-in name -> trained weights kept in the package
 TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples by 4, so latents are (4, 16, 16)
 
 
@@ -75,10 +81,13 @@ def make_tiny_model(directory: str | Path, seed: int = 0, sdxl: bool = False) ->
     return directory
 
 
-def _tiny_unet(**blocks) -> UNet2DConditionModel:
-    """SD's UNet at toy size (two levels, 32/64 channels); ``blocks`` set the block types and conditioning."""
+def _tiny_unet(
+    sample_size: int = TINY_RESOLUTION // 4, block_out_channels: tuple[int, ...] = (32, 64), **blocks
+) -> UNet2DConditionModel:
+    """SD's UNet at toy size (by default two levels, 32/64 channels); ``blocks`` set the block types and
+    conditioning."""
     return UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=block_out_channels,
         layers_per_block=1, norm_num_groups=16, **blocks,
     )
 
@@ -141,7 +150,32 @@ def _tiny_sdxl_pipeline(directory: Path) -> StableDiffusionXLPipeline:
     )
 
 
-def _tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
+def tiny_shapes_pipeline(directory: Path) -> StableDiffusionPipeline:
+    """The tiny-shapes model before training (``tailorpo/tiny_shapes.py`` trains it): tiny-sd's classes for
+    32x32 images (latents (4, 8, 8)). The UNet has a third level (2x2) and, as SDXL's, no attention at the finest
+    one: convolutions with zero padding are what tell the UNet where it is, and with attention at 8x8 (no
+    positional encoding) it learned colors and shapes but placed them at random."""
+    unet = _tiny_unet(
+        sample_size=SHAPES_RESOLUTION // 4,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(sample_size=SHAPES_RESOLUTION),  # its scaling_factor is set from the trained latents
+        text_encoder=CLIPTextModel(_tiny_clip_config(hidden_size=32)),
+        tokenizer=_tiny_tokenizer(directory),
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _tiny_vae(scaling_factor: float = 0.18215, sample_size: int = TINY_RESOLUTION) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -151,7 +185,7 @@ def _tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
         latent_channels=4,
         layers_per_block=1,
         norm_num_groups=16,
-        sample_size=TINY_RESOLUTION,
+        sample_size=sample_size,
         scaling_factor=scaling_factor,
     )
 
@@ -199,8 +233,10 @@ def _sd_scheduler() -> DDIMScheduler:
 
 
 def resolve_model_path(pretrained: str) -> str:
-    """``tiny-sd`` / ``tiny-sdxl`` -> its cache folder (written once); anything else is a hub id or path,
-    passed as is."""
+    """``tiny-sd`` / ``tiny-sdxl`` -> its cache folder (written once), ``tiny-shapes`` -> its folder in the
+    package; anything else is a hub id or path, passed as is."""
+    if pretrained in SHIPPED_MODELS:
+        return str(SHIPPED_MODELS[pretrained])
     if pretrained not in TINY_MODELS:
         return pretrained
     path = tiny_model_cache_dir(pretrained)
@@ -227,7 +263,8 @@ def load_pipeline(
     except (OSError, ValueError) as err:
         raise RuntimeError(
             f"model.pretrained={pretrained!r}: could not load a Stable Diffusion (v1.x or XL) pipeline ({err}). "
-            f"Give a local diffusers folder, a hub id reachable from this machine, or {' or '.join(TINY_MODELS)}."
+            "Give a local diffusers folder, a hub id reachable from this machine, or "
+            f"{' or '.join([*TINY_MODELS, *SHIPPED_MODELS])}."
         ) from err
     # DDIM without sample clipping or thresholding: the step whose log-probability ddim.py computes
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
@@ -272,5 +309,78 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
     # peft's own key names: diffusers' legacy conversion renames only attention layers, and a file that
     # mixes both namings loads partially.
     state = get_peft_model_state_dict(unet)
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True)
+    # the adapter's LoraConfig goes into the file's metadata: without it load_lora_weights assumes alpha = rank
+    metadata = unet.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(
+        directory, unet_lora_layers=state, safe_serialization=True, unet_lora_adapter_metadata=metadata
+    )
     return Path(directory)
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name save_lora writes and load_lora_weights looks for
+UNET_PREFIX = "unet."  # diffusers' prefix of UNet keys (and of their metadata fields) in a LoRA file
+
+
+class LoraLoadError(ValueError):
+    """A LoRA folder that cannot be read or does not fit the model; the message names the file and a key."""
+
+
+@dataclass
+class SavedLora:
+    """A UNet LoRA as ``save_lora`` writes it: peft's key names, and the adapter's LoraConfig fields (``r``,
+    ``lora_alpha``, ``target_modules``, ...) when the file records them (None for files saved without)."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    lora_config: dict[str, Any] | None
+
+
+def read_lora(directory: str | Path) -> SavedLora:
+    """Read a saved LoRA without any model, so a wrong folder fails before a pipeline loads."""
+    path = Path(directory) / LORA_FILE
+    if not Path(directory).is_dir():
+        raise LoraLoadError(f"LoRA folder {str(directory)!r} does not exist")
+    if not path.is_file():
+        raise LoraLoadError(f"{str(directory)!r} holds no {LORA_FILE}; give the lora/ folder `tailorpo train` writes")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except (OSError, SafetensorError) as err:
+        raise LoraLoadError(f"{path} is not a readable safetensors file ({err})") from None
+    others = [key for key in state if not key.startswith(UNET_PREFIX)]
+    if others:
+        raise LoraLoadError(f"{path}: {len(others)} weights outside the UNet (e.g. {others[0]}); only UNet LoRAs "
+                            "(as tailorpo train saves them) are supported")
+    lora_config = None
+    if "lora_adapter_metadata" in metadata:
+        fields = json.loads(metadata["lora_adapter_metadata"])
+        lora_config = {key.removeprefix(UNET_PREFIX): value for key, value in fields.items()}
+    return SavedLora(path, {key.removeprefix(UNET_PREFIX): value for key, value in state.items()}, lora_config)
+
+
+def lora_mismatches(expected: dict[str, torch.Size], found: dict[str, torch.Size]) -> list[str]:
+    """What keeps a LoRA file (key -> shape) from filling the model's adapter exactly; empty if nothing."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    reshaped = [f"{key} is {tuple(found[key])} in the file, {tuple(expected[key])} in the model"
+                for key in expected if key in found and found[key] != expected[key]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of the model's LoRA weights are not in the file, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} weights of the file have no place in the model, e.g. {unexpected[0]}")
+    if reshaped:
+        problems.append(f"{len(reshaped)} weights differ in shape, e.g. {reshaped[0]}")
+    return problems
+
+
+def load_lora(unet: UNet2DConditionModel, saved: SavedLora) -> None:
+    """Fill the UNet's adapter (from ``add_lora``) with a saved LoRA, strictly: a LoRA of another model or of
+    another rank or target set is refused with what does not fit, instead of loading in part."""
+    expected = {key: value.shape for key, value in get_peft_model_state_dict(unet).items()}
+    problems = lora_mismatches(expected, {key: value.shape for key, value in saved.state.items()})
+    if problems:
+        raise LoraLoadError(f"the LoRA in {saved.path} does not fit this model: {'; '.join(problems)}. Was it "
+                            "trained with another model.pretrained or lora section?")
+    set_peft_model_state_dict(unet, saved.state)

@@ -6,7 +6,8 @@ the LoRA, so it is computed the first time a pair is trained on and looked up af
 forward per pair for the whole run, whatever the number of passes over the data.
 
 The cache is keyed by the pair's source row (``PairRecord.index``: line of ``pairs.jsonl``, row of the parquet
-shards or of the dataset), which is stable across passes and across a resume. It lives in memory (row -> (2, D)
+shards or of the dataset), which is stable across passes and across a resume. Pairs of the policy's own samples
+(no ``pairs.source``) are new every time: they are embedded without a cache. It lives in memory (row -> (2, D)
 float32: [f(y^w, x), f(y^l, x)], 6 KB per pair at CLIP-L's D = 768) and on disk as safetensors shards in one
 folder: ``flush`` appends the rows added since the previous flush as one new shard (no rewrite of the old ones,
 so a flush costs only what is new), and the trainer flushes before each checkpoint, so a resumed run reads
@@ -96,9 +97,9 @@ class EmbeddingCache:
 class ClipPairEmbedder:
     """f(y^w, x) and f(y^l, x) for a batch of pairs from a transformers ``CLIPModel``: image features of both
     images and text features of the prompt (``get_image_features`` / ``get_text_features``), combined by
-    ``clip_joint_embedding``; each pair is embedded once and then read from ``cache``."""
+    ``clip_joint_embedding``; each pair is embedded once and then read from ``cache`` (None: every call embeds)."""
 
-    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, cache: EmbeddingCache) -> None:
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, cache: EmbeddingCache | None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.cache = cache
@@ -108,12 +109,12 @@ class ClipPairEmbedder:
 
     @classmethod
     def load(
-        cls, source: str, device: torch.device | str, cache_folder: str | Path, data_tag: dict[str, str]
+        cls, source: str, device: torch.device | str, cache_folder: str | Path | None, data_tag: dict[str, str]
     ) -> ClipPairEmbedder:
         """CLIP from a hub id or a local folder in transformers format (config, weights, tokenizer files); the
         weights are checked key by key as the CLIP reward servers check theirs. The cache is opened first, so a
         mismatched one fails before CLIP loads."""
-        cache = EmbeddingCache(cache_folder, {"clip_model": source, **data_tag})
+        cache = None if cache_folder is None else EmbeddingCache(cache_folder, {"clip_model": source, **data_tag})
         try:
             model = load_hf_clip(source, str(device))
             tokenizer = CLIPTokenizer.from_pretrained(source)
@@ -140,6 +141,10 @@ class ClipPairEmbedder:
 
     def __call__(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, D) winner and (M, D) loser embeddings of the batch's pairs, embedding only rows not cached yet."""
+        if self.cache is None:
+            self.computed += len(batch.prompts)
+            both = self._embed(batch.image_w, batch.image_l, batch.prompts)
+            return both[:, 0], both[:, 1]
         rows = batch.index.tolist()
         new = list({row: i for i, row in enumerate(rows) if row not in self.cache}.values())  # a row once
         if new:

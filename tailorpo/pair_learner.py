@@ -11,16 +11,21 @@ One step on B pairs (prompt, x_0^w, x_0^l), as diffusers' Diffusion-DPO and mapo
 then the loss of ``objectives.py``. MaPO is reference-free: it never runs the reference forward and never
 toggles the adapter, which is its whole saving over Diffusion-DPO (one UNet forward per step instead of two).
 Gradient accumulation, clipping and AdamW are ``LoraLearner``'s, shared with the online learner.
+
+The pairs come from ``pairs.source`` (``pair_trainer``) or from the policy's own samples, two per prompt ranked by
+the reward (``rollouts.final_image_pair_rollout``), which the online trainer and the Ray runtime feed in as
+rollouts (``train_on_rollout``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
-from tailorpo.config import OptimConfig, PairsConfig
+from tailorpo.config import Config, OptimConfig, PairsConfig
 from tailorpo.learner import LoraLearner
 from tailorpo.models import reference_model
 from tailorpo.objectives import (
@@ -38,6 +43,7 @@ from tailorpo.objectives import (
 from tailorpo.pair_data import PairBatch
 from tailorpo.pair_embeddings import ClipPairEmbedder
 from tailorpo.policy import DiffusionPolicy, PromptEmbeds
+from tailorpo.rollouts import FinalImagePairs, Rollout
 
 PairObjective = Literal["diffusion_dpo", "mapo", "diff_contrast"]
 
@@ -135,3 +141,27 @@ class PairLearner(LoraLearner):
         loss, stats = self.loss(batch, self.noise_pair(batch, generator))
         self.backward(loss, f"on pair rows {batch.index.tolist()}")
         return {"loss": loss.item(), "pairs": float(len(batch.prompts))} | stats | self.end_iteration()
+
+    def train_on_rollout(self, rollout: Rollout) -> dict[str, float]:
+        """One online rollout's ranked final images; the forward-diffusion draw is seeded by the rollout, so
+        the step does not depend on where or when it runs. A rollout of ties only still counts as an iteration."""
+        pairs = rollout.data
+        if not isinstance(pairs, FinalImagePairs):
+            raise TypeError(f"the pair learner trains on FinalImagePairs, not {type(pairs).__name__}")
+        if not len(pairs.prompt_index):
+            return {"pairs": 0.0} | self.end_iteration()
+        prompts = [rollout.prompts[i] for i in pairs.prompt_index.tolist()]
+        batch = PairBatch(pairs.prompt_index, prompts, pairs.image_w, pairs.image_l)
+        return self.train_on(batch, torch.Generator().manual_seed(pairs.noise_seed))
+
+
+def build_pair_learner(
+    cfg: Config, policy: DiffusionPolicy, cache_folder: Path | None = None, data_tag: dict[str, str] | None = None
+) -> PairLearner:
+    """The configured objective's learner; Diff-contrast also loads its CLIP, with an embedding cache in
+    ``cache_folder`` for pairs read from a source (``data_tag`` names it), without one for online pairs."""
+    embedder = None
+    if cfg.algorithm.name == "diff_contrast":
+        dc = cfg.pairs.diff_contrast
+        embedder = ClipPairEmbedder.load(dc.clip_model, policy.device, cache_folder, data_tag or {})
+    return PairLearner(policy, cfg.optim, cfg.algorithm.name, cfg.pairs, embedder)

@@ -25,8 +25,7 @@ from tailorpo.config import Config
 from tailorpo.models import save_lora
 from tailorpo.objectives import PerPromptStatTracker
 from tailorpo.pair_data import PairBatch, PairDataError, PairDataset, PairReader, collate_pairs, read_pairs
-from tailorpo.pair_embeddings import ClipPairEmbedder
-from tailorpo.pair_learner import PairLearner
+from tailorpo.pair_learner import PairLearner, build_pair_learner
 from tailorpo.policy import DiffusionPolicy
 from tailorpo.run_log import RunLog, RunSummary
 from tailorpo.trainer import (
@@ -64,15 +63,11 @@ def pair_batches(dataset: PairDataset, batch_size: int, skip: int = 0) -> Iterat
             raise PairDataError(f"pairs.source {reader.description}: no usable pair ({reader.stats.summary()})")
 
 
-def build_pair_learner(cfg: Config, reader: PairReader, out: Path, policy: DiffusionPolicy) -> PairLearner:
-    """The configured objective's learner; Diff-contrast also loads its CLIP with the embedding cache."""
-    embedder = None
-    if cfg.algorithm.name == "diff_contrast":
-        dc = cfg.pairs.diff_contrast
-        data_tag = {"pairs_source": reader.description, "resolution": str(cfg.model.resolution)}
-        cache = dc.embedding_cache or out / "clip_embeddings"
-        embedder = ClipPairEmbedder.load(dc.clip_model, policy.device, cache, data_tag)
-    return PairLearner(policy, cfg.optim, cfg.algorithm.name, cfg.pairs, embedder)
+def pair_learner_for(cfg: Config, reader: PairReader, out: Path, policy: DiffusionPolicy) -> PairLearner:
+    """The pair learner, with Diff-contrast's embedding cache tagged by the source it caches."""
+    data_tag = {"pairs_source": reader.description, "resolution": str(cfg.model.resolution)}
+    cache = cfg.pairs.diff_contrast.embedding_cache or out / "clip_embeddings"
+    return build_pair_learner(cfg, policy, Path(cache), data_tag)
 
 
 def checkpoint_if_due(
@@ -97,7 +92,7 @@ def train_pairs(cfg: Config, progress: bool = True, resume: bool = False) -> Run
                         streaming=cfg.pairs.streaming)  # a source that cannot be read fails before model load
     reward = build_reward_model(cfg)
     policy = build_policy(cfg, resolve_device(cfg.device))
-    learner = build_pair_learner(cfg, reader, out, policy)
+    learner = pair_learner_for(cfg, reader, out, policy)
     tracker = PerPromptStatTracker()  # DDPO's statistics: empty here, but part of the checkpoint format
     noise = torch.Generator().manual_seed(cfg.seed)  # VAE samples, t and eps*
     state = Progress(samples=0, iteration=0)

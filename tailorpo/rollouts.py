@@ -2,6 +2,8 @@
 
 - ``PreferencePairs``: step-wise (x_t, x^w_{t-1}, x^l_{t-1}) pairs for the DPO losses (TailorPO, D3PO).
 - ``PolicySteps``: transitions with the sampling policy's log-probs for policy gradients (DDPO).
+- ``FinalImagePairs``: ranked pairs of final images, for the pair objectives trained on the policy's own
+  samples (Diffusion-DPO, MaPO, Diff-contrast without ``pairs.source``).
 - ``trajectory_rollout``: independent DDIM chains recording the fine-tuned transitions, which D3PO ranks
   pairwise by final reward and DDPO weights by advantage. TailorPO's branching sampler is in branching.py.
 """
@@ -47,16 +49,28 @@ class PolicySteps:
 
 
 @dataclass
+class FinalImagePairs:
+    """The two samples of each prompt, ranked by reward, as the pair objectives read them; ties are dropped.
+    ``noise_seed`` seeds the learner's forward-diffusion draw (t, eps*), so it is fixed by the rollout's own
+    noise stream and not by where or when the learner trains on it."""
+
+    prompt_index: torch.Tensor  # (N,) row of the rollout's prompt batch
+    image_w: torch.Tensor  # (N, 3, H, W) in [-1, 1], as pair_data's images
+    image_l: torch.Tensor
+    noise_seed: int
+
+
+@dataclass
 class Rollout:
     prompts: list[str]  # one per final image
     images: torch.Tensor  # (B, 3, H, W) final images in [0, 1]
     rewards: torch.Tensor  # (B,) reward of the final images
-    data: PreferencePairs | PolicySteps
+    data: PreferencePairs | PolicySteps | FinalImagePairs
     stats: dict[str, float] = field(default_factory=dict)
     sample_ids: list[str] = field(default_factory=list)  # "iteration:slot:row", for the runtime's ledger
 
 
-def map_tensors(data: PreferencePairs | PolicySteps, fn: Callable[[torch.Tensor], torch.Tensor]):
+def map_tensors(data: PreferencePairs | PolicySteps | FinalImagePairs, fn: Callable[[torch.Tensor], torch.Tensor]):
     """The same container with ``fn`` applied to every tensor field (a shared parent stays one tensor)."""
     mapped = {
         f.name: fn(value) if isinstance(value, torch.Tensor) else value
@@ -126,6 +140,27 @@ def trajectory_rollout(
     return Trajectories(policy.decode(x), steps)
 
 
+@dataclass
+class RankedTrajectories:
+    """Two trajectories per prompt (rows i and B + i belong to prompt i) and their ranking by final reward."""
+
+    traj: Trajectories
+    scores: torch.Tensor  # (2B,)
+    winner_is_1: torch.Tensor  # (B,) bool: row B + i won
+    tie: torch.Tensor  # (B,) bool
+
+
+def rank_two_samples(
+    policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator,
+    fine_tuned_steps: list[int],
+) -> RankedTrajectories:
+    batch = len(prompts)
+    traj = trajectory_rollout(policy, policy.encode_prompts(prompts).repeat(2), generator, fine_tuned_steps)
+    scores = reward.score(traj.images, prompts * 2).scores.to(policy.device)
+    winner_is_1, tie = select_winner(scores[:batch], scores[batch:])
+    return RankedTrajectories(traj, scores, winner_is_1, tie)
+
+
 def d3po_rollout(
     policy: DiffusionPolicy,
     reward: RewardModel,
@@ -136,18 +171,33 @@ def d3po_rollout(
     """D3PO: two trajectories per prompt, ranked by their final images; every fine-tuned step of the pair
     inherits that ranking (Eq. 5)."""
     batch = len(prompts)
-    traj = trajectory_rollout(policy, policy.encode_prompts(prompts).repeat(2), generator, fine_tuned_steps)
-    scores = reward.score(traj.images, prompts * 2).scores.to(policy.device)
-    winner_is_1, tie = select_winner(scores[:batch], scores[batch:])
+    ranked = rank_two_samples(policy, reward, prompts, generator, fine_tuned_steps)
+    scores, winner_is_1, tie = ranked.scores, ranked.winner_is_1, ranked.tie
     r_w, r_l = order_by_winner(winner_is_1, scores[:batch], scores[batch:])
     rows = []
-    for s in traj.steps:
+    for s in ranked.traj.steps:
         x_t_w, x_t_l = order_by_winner(winner_is_1, s["x_t"][:batch], s["x_t"][batch:])
         x_w, x_l = order_by_winner(winner_is_1, s["x_next"][:batch], s["x_next"][batch:])
         rows.append(dict(step=s["step"][:batch], x_t=x_t_w, x_t_l=x_t_l, x_w=x_w, x_l=x_l, r_w=r_w, r_l=r_l,
                          valid=~tie))
     pairs = stack_pairs(rows, batch, shared_parent=False)
-    return Rollout(prompts * 2, traj.images, scores, pairs, {"ties": float(tie.sum())})
+    return Rollout(prompts * 2, ranked.traj.images, scores, pairs, {"ties": float(tie.sum())})
+
+
+def final_image_pair_rollout(
+    policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator
+) -> Rollout:
+    """The pair objectives on the policy's own samples: two plain DDIM samples per prompt, ranked by reward as
+    ``export_pairs`` ranks them, with nothing recorded along the chains (the objectives re-noise the final
+    images at a random t). Training on these equals training on the exported pairs, up to 8-bit rounding."""
+    batch = len(prompts)
+    ranked = rank_two_samples(policy, reward, prompts, generator, [])
+    images = ranked.traj.images * 2 - 1  # [0, 1] -> [-1, 1]
+    image_w, image_l = order_by_winner(ranked.winner_is_1, images[:batch], images[batch:])
+    keep = (~ranked.tie).nonzero().flatten()
+    noise_seed = int(torch.randint(2**62, (1,), generator=generator))
+    pairs = FinalImagePairs(keep, image_w[keep], image_l[keep], noise_seed)
+    return Rollout(prompts * 2, ranked.traj.images, ranked.scores, pairs, {"ties": float(ranked.tie.sum())})
 
 
 def ddpo_rollout(

@@ -61,6 +61,8 @@ class RunSummary:
     train_seconds_per_rollout: float = 0.0  # the learner training on one: a learner feeds ~sample/train samplers
     train_reward_start: float | None = None  # mean training reward over the first tenth of the run's rollouts
     train_reward_end: float | None = None  # ... and over the last tenth (None for pair objectives: no reward)
+    sampler_redraws: int | None = None  # Ray runs: rollouts redrawn after their sampler died
+    learner_restarts: int | None = None  # Ray runs: learners replaced from the newest checkpoint
 
     def text(self) -> str:
         """Lines that apply to this run: pair objectives have no sampling and no training reward."""
@@ -73,6 +75,9 @@ class RunSummary:
         if self.reward_latency_s:
             lines.append(f"reward calls: {self.reward_latency_s * 1000:.1f} ms each, "
                          f"{self.reward_time_fraction:.0%} of sampling")
+        if self.sampler_redraws or self.learner_restarts:
+            lines.append(f"recovered from faults: {self.sampler_redraws} rollouts redrawn, "
+                         f"{self.learner_restarts} learner restarts")
         if self.train_reward_start is not None:
             lines.append(f"train {self.reward}: {self.train_reward_start:.4f} (first tenth) -> "
                          f"{self.train_reward_end:.4f} (last tenth)")

@@ -9,21 +9,23 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from tailorpo.branching import tailorpo_rollout
 from tailorpo.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
-from tailorpo.config import Config, ConfigError, dump_config
+from tailorpo.config import PAIR_ALGORITHMS, Config, ConfigError, EvalConfig, dump_config
 from tailorpo.guidance import cosine_eta_schedule
-from tailorpo.learner import Learner
+from tailorpo.learner import Learner, LoraLearner
 from tailorpo.models import add_lora, load_pipeline, reference_model, save_lora
 from tailorpo.objectives import PerPromptStatTracker
+from tailorpo.pair_learner import PairLearner, build_pair_learner
 from tailorpo.policy import DiffusionPolicy
 from tailorpo.rewards import RewardModel, build_reward
 from tailorpo.rewards.grpc_client import WeightedSum
-from tailorpo.rollouts import Rollout, d3po_rollout, ddpo_rollout, trajectory_rollout
+from tailorpo.rollouts import Rollout, d3po_rollout, ddpo_rollout, final_image_pair_rollout, trajectory_rollout
 from tailorpo.run_log import EvalSnapshot, RunLog, RunSummary, image_grid
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,6 +61,13 @@ def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
     )
 
 
+def build_learner(cfg: Config, policy: DiffusionPolicy) -> Learner | PairLearner:
+    """The online objectives' learner, or for a pair objective on the policy's own samples the pair learner."""
+    if cfg.algorithm.name in PAIR_ALGORITHMS:
+        return build_pair_learner(cfg, policy)
+    return Learner(policy, cfg.optim, cfg.algorithm)
+
+
 def build_reward_model(cfg: Config) -> RewardModel:
     """The in-process reward, or a client of the configured servers (a weighted sum if several). Fails
     fast, naming the address, when a server does not answer."""
@@ -72,7 +81,8 @@ def build_reward_model(cfg: Config) -> RewardModel:
         if reward_cfg.token_env and not token:
             raise ConfigError(f"reward.token_env: environment variable {reward_cfg.token_env!r} is empty or unset")
         clients = [
-            (GrpcReward(s.addresses, reward_cfg.timeout_s, reward_cfg.retries, token=token, tls_ca=reward_cfg.tls_ca),
+            (GrpcReward(s.addresses, reward_cfg.timeout_s, reward_cfg.retries, token=token, tls_ca=reward_cfg.tls_ca,
+                        tls_client_cert=reward_cfg.tls_client_cert, tls_client_key=reward_cfg.tls_client_key),
              s.weight)
             for s in reward_cfg.servers
         ]
@@ -118,6 +128,8 @@ def _algorithm_rollout(
         )
     if algo.name == "d3po":
         return d3po_rollout(policy, reward, prompts, generator, algo.fine_tuned_steps)
+    if algo.name in PAIR_ALGORITHMS:
+        return final_image_pair_rollout(policy, reward, prompts, generator)
     return ddpo_rollout(policy, reward, prompts, generator, algo.fine_tuned_steps, algo.ddpo.samples_per_prompt)
 
 
@@ -133,15 +145,44 @@ def prompts_per_iteration(cfg: Config) -> int:
     return cfg.sampling.batch_size
 
 
+class EvalSamples(NamedTuple):
+    images: torch.Tensor  # (P * I, 3, H, W) in [0, 1] on the CPU, prompt-major: I images of each of P prompts
+    scores: dict[str, torch.Tensor]  # reward name -> (P * I,) on the CPU; see score_each
+
+
+def score_each(reward: RewardModel, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Each configured reward's scores and, under ``reward.name``, the weighted sum the run trains on (the
+    same entry when there is one reward); each server of a sum is called once."""
+    if not isinstance(reward, WeightedSum):
+        return {reward.name: reward.score(images, prompts).scores.cpu()}
+    parts = [(part.name, weight, part.score(images, prompts).scores.cpu()) for part, weight in reward.components]
+    return {name: scores for name, _, scores in parts} | {reward.name: sum(w * scores for _, w, scores in parts)}
+
+
 @torch.no_grad()
-def evaluate(
-    policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], images_per_prompt: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain DDIM samples for each prompt from a fixed seed: (images, rewards). Same seed, same noise."""
-    batch = [p for p in prompts for _ in range(images_per_prompt)]
-    generator = torch.Generator().manual_seed(seed)
-    images = trajectory_rollout(policy, policy.encode_prompts(batch), generator, []).images
-    return images, reward.score(images, batch).scores
+def evaluate(policy: DiffusionPolicy, reward: RewardModel, settings: EvalConfig) -> EvalSamples:
+    """Plain DDIM samples, ``images_per_prompt`` of each eval prompt, drawn and scored ``batch_size`` at a
+    time; batch j draws its noise from ``seed + j``. So every (prompt, image) gets the same noise whatever the
+    weights, and the base model's and the LoRA's images pair up."""
+    batch = [p for p in settings.prompts for _ in range(settings.images_per_prompt)]
+    images, scores = [], []
+    for j, start in enumerate(range(0, len(batch), settings.batch_size)):
+        chunk = batch[start : start + settings.batch_size]
+        generator = torch.Generator().manual_seed(settings.seed + j)
+        chunk_images = trajectory_rollout(policy, policy.encode_prompts(chunk), generator, []).images
+        scores.append(score_each(reward, chunk_images, chunk))
+        images.append(chunk_images.cpu())
+    return EvalSamples(torch.cat(images), {name: torch.cat([s[name] for s in scores]) for name in scores[0]})
+
+
+def compare_with_base(
+    policy: DiffusionPolicy, reward: RewardModel, settings: EvalConfig
+) -> tuple[EvalSamples, EvalSamples]:
+    """(base, LoRA): the eval prompts with the adapter disabled and enabled, on the same noise."""
+    trained = evaluate(policy, reward, settings)
+    with reference_model(policy.unet):
+        base = evaluate(policy, reward, settings)
+    return base, trained
 
 
 def rollout_generator(seed: int, iteration: int, slot: int) -> torch.Generator:
@@ -156,12 +197,15 @@ def pick_prompts(cfg: Config, generator: torch.Generator) -> list[str]:
     return [cfg.prompts[j] for j in picks]
 
 
-def learn_from(cfg: Config, learner: Learner, tracker: PerPromptStatTracker, rollout: Rollout) -> dict[str, float]:
+def learn_from(
+    cfg: Config, learner: Learner | PairLearner, tracker: PerPromptStatTracker, rollout: Rollout
+) -> dict[str, float]:
     """One rollout into the learner (DDPO advantages first); returns the scalars to log."""
     if cfg.algorithm.name == "ddpo":
         assign_advantages(rollout, tracker, cfg.algorithm.ddpo.adv_clip)
     tick = time.perf_counter()
-    stats = learner.train_on(rollout) | rollout.stats
+    train_on = learner.train_on_rollout if isinstance(learner, PairLearner) else learner.train_on
+    stats = train_on(rollout) | rollout.stats
     stats["train_time"] = time.perf_counter() - tick
     stats["reward_mean"] = float(rollout.rewards.mean())
     stats["reward_std"] = float(rollout.rewards.std(unbiased=False))
@@ -169,7 +213,7 @@ def learn_from(cfg: Config, learner: Learner, tracker: PerPromptStatTracker, rol
 
 
 def finish_run(
-    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, learner: Learner, samples: int, seconds: float,
+    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, learner: LoraLearner, samples: int, seconds: float,
     figures: dict[str, float | None],
 ) -> RunSummary:
     """Apply pending gradients, save the LoRA, evaluate base vs trained on fixed seeds, write the grid and
@@ -178,19 +222,16 @@ def finish_run(
     if learner.pending_iterations:
         learner.apply_gradients()
     save_lora(policy.unet, out / "lora")
-    args = (cfg.eval.prompts, cfg.eval.images_per_prompt, cfg.eval.seed)
-    trained_images, trained_rewards = evaluate(policy, reward, *args)
-    with reference_model(policy.unet):
-        base_images, base_rewards = evaluate(policy, reward, *args)
-    image_grid([base_images, trained_images]).save(out / "samples.png")
+    base, trained = compare_with_base(policy, reward, cfg.eval)
+    image_grid([base.images, trained.images]).save(out / "samples.png")
     summary = RunSummary(
         algorithm=cfg.algorithm.name,
         samples=samples,
         updates=learner.updates,
         seconds=seconds,
         reward=reward.name,
-        eval_reward_base=float(base_rewards.mean()),
-        eval_reward_trained=float(trained_rewards.mean()),
+        eval_reward_base=float(base.scores[reward.name].mean()),
+        eval_reward_trained=float(trained.scores[reward.name].mean()),
         output_dir=str(out),
         **figures,
     )
@@ -212,7 +253,7 @@ def crossed(every: int, before: int, after: int) -> bool:
 
 
 def maybe_checkpoint(
-    cfg: Config, learner: Learner, tracker: PerPromptStatTracker, progress: Progress, prompt_state: torch.Tensor,
+    cfg: Config, learner: LoraLearner, tracker: PerPromptStatTracker, progress: Progress, prompt_state: torch.Tensor,
     updates_before: int,
 ) -> None:
     if crossed(cfg.train.checkpoint_every, updates_before, learner.updates) and not learner.pending_iterations:
@@ -220,16 +261,16 @@ def maybe_checkpoint(
 
 
 def evaluate_if_due(
-    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, learner: Learner, updates_before: int
+    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, learner: LoraLearner, updates_before: int
 ) -> EvalSnapshot | None:
     """The eval prompts with fixed noise every ``eval.every`` updates: the run's reward curve and image grids."""
     if not crossed(cfg.eval.every, updates_before, learner.updates):
         return None
-    images, rewards = evaluate(policy, reward, cfg.eval.prompts, cfg.eval.images_per_prompt, cfg.eval.seed)
-    return EvalSnapshot(learner.updates, rewards.cpu(), images.cpu())
+    samples = evaluate(policy, reward, cfg.eval)
+    return EvalSnapshot(learner.updates, samples.scores[reward.name], samples.images)
 
 
-def resume_from(out: Path, learner: Learner, tracker: PerPromptStatTracker) -> tuple[Progress, torch.Tensor]:
+def resume_from(out: Path, learner: LoraLearner, tracker: PerPromptStatTracker) -> tuple[Progress, torch.Tensor]:
     path = latest_checkpoint(out)
     if path is None:
         raise ConfigError(f"--resume: no checkpoint-* folder in output_dir={str(out)!r}; set train.checkpoint_every")
@@ -245,7 +286,7 @@ def train(cfg: Config, progress: bool = True, resume: bool = False) -> RunSummar
     out = prepare_output(cfg)
     reward = build_reward_model(cfg)
     policy = build_policy(cfg, resolve_device(cfg.device))
-    learner = Learner(policy, cfg.optim, cfg.algorithm)
+    learner = build_learner(cfg, policy)
     tracker = PerPromptStatTracker(cfg.algorithm.ddpo.stat_buffer_size, cfg.algorithm.ddpo.stat_min_count)
     prompt_generator = torch.Generator().manual_seed(cfg.seed)
     state = Progress(samples=0, iteration=0)

@@ -52,6 +52,14 @@ def test_overrides_are_typed():
         (["reward.name=aesthetics"], "reward.name: 'aesthetics' is unknown"),
         (["optim.lr"], "expected KEY=VALUE"),
         (["optim.lr.x=1"], "'lr' is a value, not a section"),
+        (["runtime.samplers=1", "reward.launch=[{name: jpeg, tls_cert: c.pem}]"], "tls_cert and tls_key: give both"),
+        (["reward.tls_client_cert=c.pem"], "tls_client_cert and tls_client_key: give both"),
+        (["reward.tls_client_cert=c.pem", "reward.tls_client_key=c.key"], "only sent over TLS; set reward.tls_ca"),
+        (["runtime.samplers=1", "reward.launch=[{name: jpeg, tls_client_ca: ca.pem}]"],
+         "tls_client_ca (mutual TLS) needs the server's own tls_cert"),
+        (["runtime.samplers=1", "reward.tls_ca=s.pem",
+          "reward.launch=[{name: jpeg, tls_cert: s.pem, tls_key: s.key, tls_client_ca: ca.pem}]"],
+         "accepts only clients with a certificate; set reward.tls_client_cert"),
     ],
 )
 def test_bad_fields_are_named(overrides, message):

@@ -1,6 +1,7 @@
-"""The offline pair objectives (Diffusion-DPO, MaPO, Diff-contrast) in the framework: the pair learner against
-hand computations on the tiny model, MaPO's reference-free path, Diff-contrast's CLIP embeddings and their
-cache, SDXL, the training loop (outputs, CLI dispatch, resume) and the Pick-Style builder."""
+"""The pair objectives (Diffusion-DPO, MaPO, Diff-contrast) in the framework: the pair learner against hand
+computations on the tiny model, MaPO's reference-free path, Diff-contrast's CLIP embeddings and their cache,
+SDXL, the training loop (outputs, CLI dispatch, resume), online pairs of the policy's own samples and the
+Pick-Style builder."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ from tailorpo import pair_learner as pair_learner_module
 from tailorpo.cli import main
 from tailorpo.config import ConfigError, OptimConfig, PairsConfig, load_config
 from tailorpo.models import write_clip_tokenizer_files
-from tailorpo.pair_data import PairDataError, PairDataset, collate_pairs, read_pairs, write_pairs
+from tailorpo.pair_data import PairDataError, PairDataset, collate_pairs, export_pairs, read_pairs, write_pairs
 from tailorpo.pair_embeddings import ClipPairEmbedder, EmbeddingCache
 from tailorpo.pair_learner import PairLearner
 from tailorpo.pair_trainer import pair_batches, train_pairs
+from tailorpo.rewards import TorchReward
+from tailorpo.rollouts import final_image_pair_rollout
 from tests.conftest import fresh_policy, lora_pipeline, perturb_lora
 
 RESOLUTION = 64
@@ -368,9 +371,8 @@ def test_resume_continues_with_the_same_losses_and_lora(tmp_path, pair_folder, c
 
 
 def test_pair_configs_fail_at_load_naming_the_field():
-    with pytest.raises(ConfigError, match=r"pairs.source: algorithm.name='mapo' trains on pairs"):
-        load_config("launch/tiny.yaml", ["algorithm.name=mapo"])
-    with pytest.raises(ConfigError, match="runtime.samplers: algorithm.name='diffusion_dpo' reads its pairs"):
+    load_config("launch/tiny.yaml", ["algorithm.name=mapo", "runtime.samplers=2"])  # online pairs run on Ray
+    with pytest.raises(ConfigError, match="runtime.samplers: algorithm.name='diffusion_dpo' with pairs.source"):
         load_config("launch/tiny.yaml", ["algorithm.name=diffusion_dpo", "pairs.source=x", "runtime.samplers=2"])
     with pytest.raises(ConfigError, match="pairs.mapo.snr_value: Input should be greater than 0"):
         load_config("launch/tiny.yaml", ["pairs.mapo.snr_value=0"])
@@ -400,3 +402,63 @@ def test_build_style_pairs_writes_a_readable_pair_folder_with_shared_noise(tmp_p
 
     assert main(["build-style-pairs", "launch/tiny.yaml", str(tmp_path / "x"), "--recipe", "safety"]) == 2
     assert "--recipe safety needs --dispreferred-prefix" in capsys.readouterr().err
+
+
+class Brightness(TorchReward):
+    """Mean pixel value; 0 for the prompt "tie", so both of its samples tie."""
+
+    name = "brightness"
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        scored = torch.tensor([prompt != "tie" for prompt in prompts], dtype=images.dtype)
+        return images.mean(dim=(1, 2, 3)) * scored
+
+
+def test_online_pairs_are_the_two_samples_of_a_prompt_ranked_by_reward(policy, tmp_path):
+    prompts = ["a cat", "tie", "a dog"]
+    rollout = final_image_pair_rollout(policy, Brightness(), prompts, torch.Generator().manual_seed(0))
+    pairs = rollout.data
+    assert pairs.prompt_index.tolist() == [0, 2] and rollout.stats["ties"] == 1  # the tie dropped
+    for row, i in enumerate(pairs.prompt_index.tolist()):
+        first, second = rollout.images[i] * 2 - 1, rollout.images[3 + i] * 2 - 1
+        winner_first = rollout.rewards[i] > rollout.rewards[3 + i]
+        assert torch.equal(pairs.image_w[row], first if winner_first else second)
+        assert torch.equal(pairs.image_l[row], second if winner_first else first)
+    assert (pairs.image_w.mean(dim=(1, 2, 3)) > pairs.image_l.mean(dim=(1, 2, 3))).all()
+
+    again = final_image_pair_rollout(policy, Brightness(), prompts, torch.Generator().manual_seed(0))
+    assert again.data.noise_seed == pairs.noise_seed and torch.equal(again.data.image_w, pairs.image_w)
+
+    # the exporter ranks the same images the same way: online training sees what offline training would read
+    export_pairs(tmp_path, prompts, rollout.images, rollout.rewards)
+    exported = batch_of(tmp_path, [0, 1])
+    assert exported.prompts == ["a cat", "a dog"]
+    assert (exported.image_w - pairs.image_w).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_sample_pairs_writes_reward_ranked_pairs_of_the_base_model(tmp_path, capsys):
+    out = tmp_path / "pairs"
+    assert main(["sample-pairs", "launch/tiny.yaml", str(out), "--count", "3"]) == 0
+    assert "wrote 4 pairs" in capsys.readouterr().out  # whole batches of sampling.batch_size=2 prompts
+    lines = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(line["reward_w"] > line["reward_l"] for line in lines)
+    records = list(read_pairs(out, on_error="raise"))
+    assert len(records) == 4 and {r.prompt for r in records} <= set(load_config("launch/tiny.yaml").prompts)
+    assert main(["sample-pairs", "launch/tiny.yaml", str(out), "--count", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_tailorpo_train_runs_a_pair_objective_on_its_own_samples(tmp_path, clip_dir):
+    """Without pairs.source, Diff-contrast trains on the policy's own ranked samples: total_samples counts
+    images (2 per prompt), CLIP embeds every new pair and nothing is cached."""
+    out = tmp_path / "run"
+    sets = [f"output_dir={out}", "algorithm.name=diff_contrast", "train.total_samples=8",
+            f"pairs.diff_contrast.clip_model={clip_dir}", "eval.prompts=[a cat]", "eval.images_per_prompt=1"]
+    assert main(["train", "launch/tiny.yaml", "--no-progress", *[a for s in sets for a in ("--set", s)]]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["samples"], summary["updates"]) == (8, 2)
+    assert summary["train_reward_start"] is not None and summary["sample_seconds_per_rollout"] > 0
+    assert list(scalars(out, "train/pairs")) == [4, 8] and set(scalars(out, "train/pairs").values()) <= {1.0, 2.0}
+    assert list(scalars(out, "train/diagonal_weight")) == [4, 8] and not (out / "clip_embeddings").exists()
+    lora_b = [v for k, v in load_file(str(out / "lora/pytorch_lora_weights.safetensors")).items() if "lora_B" in k]
+    assert max(float(v.abs().max()) for v in lora_b) > 0

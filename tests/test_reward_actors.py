@@ -51,3 +51,20 @@ def test_a_stopped_server_is_not_restarted(owner):
     owner.stop()
     time.sleep(1.0)  # several watch intervals
     assert owner.process.poll() is not None and owner.restarts == 0
+
+
+def test_launched_server_with_mutual_tls_is_probed_and_called_with_the_client_certificate(tmp_path):
+    """tls_client_ca reaches the server; the owner's health probe, like the samplers' clients, presents
+    reward.tls_client_cert (without it the handshake fails before health is asked)."""
+    cert, key = self_signed_cert(tmp_path, "server")
+    client_cert, client_key = self_signed_cert(tmp_path, "client")
+    spec = {"name": "jpeg", "tls_cert": cert, "tls_key": key, "tls_client_ca": client_cert}
+    owner = RewardServerOwner(spec, tls_ca=cert, tls_client_cert=client_cert, tls_client_key=client_key)
+    try:
+        assert owner.serving()
+        client = GrpcReward([owner.address()], tls_ca=cert, tls_client_cert=client_cert, tls_client_key=client_key)
+        assert client.score(torch.rand(1, 3, 8, 8), ["a"]).scores.shape == (1,)
+        with pytest.raises(RewardServerError, match="TLS handshake failed"):
+            GrpcReward([owner.address()], tls_ca=cert, connect_timeout_s=2.0)
+    finally:
+        owner.stop()

@@ -28,10 +28,10 @@ from tests.conftest import self_signed_cert
 
 
 @contextmanager
-def reward_server(name: str, *args: str, port: int = 0, env: dict | None = None):
-    """Start ``tailorpo serve-reward NAME --tiny`` and yield (address, process); SIGKILL it at the end."""
+def reward_server(name: str, *args: str, port: int = 0, env: dict | None = None, tiny: bool = True):
+    """Start ``tailorpo serve-reward NAME [--tiny]`` and yield (address, process); SIGKILL it at the end."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tailorpo.cli", "serve-reward", name, "--tiny", "--port", str(port), *args],
+        [sys.executable, "-m", "tailorpo.cli", "serve-reward", name, *["--tiny"] * tiny, "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )
     try:
@@ -124,6 +124,29 @@ def test_concurrent_clients_are_batched_together(colorfulness_server):
     assert max(sizes) >= 4, sizes  # at least two 2-image requests shared one model call (max batch 8)
 
 
+def test_interleaved_shapes_and_want_grad_are_each_scored(colorfulness_server):
+    """Requests waiting together that cannot share a batch (another size, or want_grad: guidance and plain
+    scoring from different samplers) are scored in turn. The batcher once crashed taking the third request
+    out of its queue past the second (it compared their image tensors)."""
+    client = GrpcReward([colorfulness_server])
+    x = {8: images(1, size=8, seed=8), 16: images(1, size=16, seed=9)}
+    calls = [(8, False), (16, False), (8, False), (8, True)]
+    results: dict[int, torch.Tensor] = {}
+
+    def call(k: int) -> None:
+        size, want_grad = calls[k]
+        results[k] = client.score(x[size], ["a"], want_grad=want_grad).scores
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(calls))]
+    for t in threads:  # in this order into the 300 ms batching window
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    for k, (size, _) in enumerate(calls):
+        torch.testing.assert_close(results[k], build_reward("colorfulness").score(x[size], ["a"]).scores)
+
+
 def _bad(message: reward_pb2.ScoreRequest, address: str) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
         stub(address).Score(message, timeout=10)
@@ -175,18 +198,93 @@ def test_health_service(jpeg_server):
         assert status == health_pb2.HealthCheckResponse.SERVING
 
 
+def raw_code(channel: grpc.Channel, method: str, payload: bytes, metadata: tuple = ()) -> grpc.StatusCode:
+    """Status of one call of ``method`` with ``payload`` sent as is (no serializer), as an attacker could."""
+    try:
+        channel.unary_unary(method)(payload, metadata=metadata, timeout=30)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as err:
+        return err.code()
+
+
+def peak_memory_mib(pid: int) -> float:
+    """The process's peak resident memory so far (Linux: VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+
+
 def test_token_auth():
+    """Everything but health needs the token, so a method added later is covered too."""
     with reward_server("jpeg", "--token-env", "RW_TOKEN", env={"RW_TOKEN": "s3cret"}) as (address, _):
-        err = _bad(reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"]), address)
-        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        request = reward_pb2.ScoreRequest(images=tensor_to_proto(images(1)), prompts=["a"])
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),)):
+            with pytest.raises(grpc.RpcError) as err:
+                stub(address).Score(request, metadata=metadata, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
         with pytest.raises(grpc.RpcError) as info_err:
             stub(address).Info(reward_pb2.InfoRequest(), timeout=5)
         assert info_err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))  # probes need no token
+        channel, unknown = grpc.insecure_channel(address), "/tailorpo.reward.v1.RewardService/Train"
+        assert raw_code(channel, unknown, b"") == grpc.StatusCode.UNAUTHENTICATED
+        assert raw_code(channel, unknown, b"", (("authorization", "Bearer s3cret"),)) == grpc.StatusCode.UNIMPLEMENTED
+        health = health_pb2_grpc.HealthStub(channel)  # probes need no token
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(RewardServerError, match="UNAUTHENTICATED"):
             GrpcReward([address], token="wrong")
         assert GrpcReward([address], token="s3cret").score(images(1), ["a"]).scores.shape == (1,)
+
+
+def test_the_token_is_checked_before_the_request_is_read():
+    """An unauthenticated caller cannot make the server receive or parse a request body: bytes that are no
+    ScoreRequest are refused as UNAUTHENTICATED (parsing them fails with INTERNAL, as it does for a caller
+    with the token), and a 200 MiB request leaves the server's peak memory where it was (checked in the
+    handler, receiving and parsing it raised the peak by ~600 MiB)."""
+    with reward_server("jpeg", "--token-env", "RW_TOKEN", env={"RW_TOKEN": "s3cret"}) as (address, proc):
+        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 2**30)])
+        score, token = "/tailorpo.reward.v1.RewardService/Score", (("authorization", "Bearer s3cret"),)
+        assert raw_code(channel, score, b"\xff" * 64) == grpc.StatusCode.UNAUTHENTICATED
+        assert raw_code(channel, score, b"\xff" * 64, token) == grpc.StatusCode.INTERNAL
+        before = peak_memory_mib(proc.pid)
+        assert raw_code(channel, score, b"\0" * 200 * 2**20) == grpc.StatusCode.UNAUTHENTICATED
+        assert peak_memory_mib(proc.pid) - before < 50
+        assert GrpcReward([address], token="s3cret").score(images(1), ["a"]).scores.shape == (1,)
+
+
+def test_mutual_tls(tmp_path):
+    """With --tls-client-ca only clients presenting a certificate that CA signed get past the handshake."""
+    cert, key = self_signed_cert(tmp_path, "server")
+    client_cert, client_key = self_signed_cert(tmp_path, "client")  # self-signed: it is its own CA
+    stranger_cert, stranger_key = self_signed_cert(tmp_path, "stranger")
+    with reward_server("jpeg", "--tls-cert", cert, "--tls-key", key, "--tls-client-ca", client_cert) as (address, _):
+        client = GrpcReward([address], tls_ca=cert, tls_client_cert=client_cert, tls_client_key=client_key)
+        assert client.score(images(1), ["a"]).scores.shape == (1,)
+        for kwargs in ({}, {"tls_client_cert": stranger_cert, "tls_client_key": stranger_key}):
+            with pytest.raises(RewardServerError, match="TLS handshake failed"):
+                GrpcReward([address], tls_ca=cert, connect_timeout_s=2.0, **kwargs)
+        with pytest.raises(RewardServerError, match="TLS handshake failed"):  # the server is not trusted
+            GrpcReward([address], tls_ca=stranger_cert, tls_client_cert=client_cert, tls_client_key=client_key,
+                       connect_timeout_s=2.0)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--tls-cert", "server.pem"], "TLS needs both --tls-cert and --tls-key"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca (mutual TLS) needs the server's own --tls-cert"),
+        (["--tls-cert", "nowhere.pem", "--tls-key", "nowhere.key"], "--tls-cert nowhere.pem: no such file"),
+        (["--weights", "nowhere.pth"], "nowhere.pth"),
+    ],
+)
+def test_serve_reward_refuses_bad_flags_naming_them(flags, expected):
+    proc = subprocess.run([sys.executable, "-m", "tailorpo.cli", "serve-reward", "aesthetic", "--port", "0", *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_serve_reward_refuses_an_unknown_reward_naming_the_choices():
+    proc = subprocess.run([sys.executable, "-m", "tailorpo.cli", "serve-reward", "aesthetics", "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown reward 'aesthetics'" in proc.stderr and "hpsv2" in proc.stderr
 
 
 def start_concurrent_calls(service, request, count: int, timeout: float) -> tuple[list[threading.Thread], list]:
@@ -243,7 +341,11 @@ def test_full_queue_is_resource_exhausted_and_health_still_answers():
         while codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) < 10 and time.monotonic() < give_up:
             time.sleep(0.05)
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 10 and not codes.count(grpc.StatusCode.OK), codes
-        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+        # refused before it is read: bytes that are no request would otherwise fail parsing (INTERNAL)
+        channel = grpc.insecure_channel(address)
+        assert raw_code(channel, "/tailorpo.reward.v1.RewardService/Score", b"\xff" * 64) == \
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING
         assert service.Info(reward_pb2.InfoRequest(), timeout=1).name == "jpeg"
         for t in threads:
@@ -438,6 +540,8 @@ def in_process_server(model: RewardModel, **config):
         (lambda x: RewardOutput(torch.zeros(len(x) - 1)), False, "scores of shape (1,) for 2 images"),
         (lambda x: RewardOutput(torch.zeros(len(x)), torch.zeros(len(x), 3, 4, 4)), True, "gradient of shape"),
         (lambda x: RewardOutput(torch.zeros(len(x))), True, "gradient of shape None"),
+        (lambda x: RewardOutput(torch.tensor([0.0, float("nan")])), False, "non-finite scores"),
+        (lambda x: RewardOutput(torch.zeros(len(x)), torch.full(x.shape, float("inf"))), True, "non-finite gradient"),
     ],
 )
 def test_model_output_of_the_wrong_shape_is_internal_naming_it(output, want_grad, expected):
@@ -502,7 +606,7 @@ def test_retries_sleep_only_between_attempts_with_jitter(jpeg_server, monkeypatc
         client.score(images(1), ["a"])
     assert client._stubs[0].calls == 4 and len(sleeps) == 3, sleeps
     bases = [0.1, 0.2, 0.4]
-    assert all(0.5 * b <= s <= 1.5 * b for s, b in zip(sleeps, bases)) and sleeps != bases, sleeps
+    assert all(0.5 * b <= s <= 1.5 * b for s, b in zip(sleeps, bases, strict=True)) and sleeps != bases, sleeps
 
 
 class _FixedStub:

@@ -34,12 +34,12 @@ def assert_same_lora(a, b) -> None:
         assert torch.equal(left[key], right[key]), key
 
 
-def train_single_threaded(output_dir) -> None:
+def train_single_threaded(output_dir, *overrides: str) -> None:
     """The one-process trainer with one thread, as a 0.5-CPU Ray actor runs (float sums depend on it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(load_config("launch/tiny.yaml", [*SHORT, f"output_dir={output_dir}"]), progress=False)
+        train(load_config("launch/tiny.yaml", [*SHORT, *overrides, f"output_dir={output_dir}"]), progress=False)
     finally:
         torch.set_num_threads(threads)
 
@@ -51,16 +51,17 @@ def local_ray():
     ray.shutdown()
 
 
-def test_one_remote_sampler_reproduces_the_one_process_trainer(tmp_path, local_ray):
+@pytest.mark.parametrize("algorithm, samples", [("tailorpo", 4), ("mapo", 8)])  # two updates each
+def test_one_remote_sampler_reproduces_the_one_process_trainer(tmp_path, local_ray, algorithm, samples):
     """Samplers draw from the (seed, iteration, slot) noise stream and the learner applies rollouts in slot
     order, so with one sampler the LoRA equals the in-process run's bit for bit (both single-threaded: Ray
-    gives a 0.5-CPU actor one thread, and float sums depend on the thread count)."""
-    train_single_threaded(tmp_path / "local")
-    summary = train_on_ray(
-        load_config("launch/tiny.yaml", [*SHORT, "runtime.samplers=1", f"output_dir={tmp_path / 'ray'}"]),
-        progress=False,
-    )
-    assert summary.samples == 4 and summary.updates == 2
+    gives a 0.5-CPU actor one thread, and float sums depend on the thread count). A pair objective on its
+    own samples (MaPO) runs on the same runtime: its learner's noise is seeded by the rollout."""
+    run = [f"algorithm.name={algorithm}", f"train.total_samples={samples}"]
+    train_single_threaded(tmp_path / "local", *run)
+    overrides = [*SHORT, *run, "runtime.samplers=1", f"output_dir={tmp_path / 'ray'}"]
+    summary = train_on_ray(load_config("launch/tiny.yaml", overrides), progress=False)
+    assert summary.samples == samples and summary.updates == 2
     assert_same_lora(tmp_path / "local", tmp_path / "ray")
 
 
@@ -197,10 +198,71 @@ def test_killed_sampler_reward_server_and_learner_lose_and_repeat_nothing(tmp_pa
     summary = train_on_ray(load_config("launch/tiny.yaml", overrides), progress=False)
     killer.join()
     assert faults == ["sampler", "reward server", "learner"]
-    assert summary.samples == 12 and summary.updates == 6
+    assert summary.samples == 12 and summary.updates == 6 and summary.learner_restarts == 1
     assert sorted(ledger_ids(faulty)) == sorted(f"{it}:0:{row}" for it in range(6) for row in range(2))
     train_on_ray(load_config("launch/tiny.yaml", [*run, f"output_dir={tmp_path / 'clean'}"]), progress=False)
     assert_same_lora(tmp_path / "clean", faulty)  # in-process JPEG: the wire changes no score
+
+
+def test_a_sampler_killed_again_and_again_loses_and_repeats_nothing(tmp_path, local_ray):
+    """Stress for the restart race (a redraw sent while Ray restarts the actor fails at once): five kills of
+    one sampler in a run of eight iterations, each as soon as the previous update is in."""
+    from tailorpo.runtime.driver import SAMPLER_NAME
+
+    kills: list[int] = []
+
+    def kill(after: int) -> Callable[[], None]:
+        return lambda: (ray.kill(ray.get_actor(f"{SAMPLER_NAME}-0"), no_restart=False), kills.append(after))
+
+    run = ["train.total_samples=16", "eval.images_per_prompt=1", "runtime.samplers=1", "runtime.max_restarts=6"]
+    faulty = tmp_path / "faulty"
+    killer = when_ledger_has(faulty, [(n, kill(n)) for n in range(1, 6)])
+    summary = train_on_ray(load_config("launch/tiny.yaml", [*run, f"output_dir={faulty}"]), progress=False)
+    killer.join()
+    assert kills == [1, 2, 3, 4, 5] and summary.samples == 16 and summary.learner_restarts == 0
+    assert sorted(ledger_ids(faulty)) == sorted(f"{it}:0:{row}" for it in range(8) for row in range(2))
+    train_single_threaded(tmp_path / "clean", *run)
+    assert_same_lora(tmp_path / "clean", faulty)
+
+
+def test_a_lost_node_moves_its_sampler_and_learner_and_loses_nothing(tmp_path):
+    """A whole simulated node dies (its raylet killed, as a machine lost): the sampler and the learner it held
+    are rebuilt on the spare node (Ray restarts the sampler; the driver starts a learner from the newest
+    checkpoint), the rollout in flight is redrawn, the ledger lists each sample once and the LoRA equals an
+    undisturbed run's."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the driver only
+    doomed = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    run = ["train.total_samples=12", "eval.images_per_prompt=1", "runtime.samplers=1"]
+    faulty = tmp_path / "faulty"
+    result = {}
+
+    def drive() -> None:
+        try:
+            result["summary"] = train_on_ray(cfg, progress=False)
+        except Exception as err:  # noqa: BLE001 - re-raised by the assertion below, in the test's thread
+            result["error"] = err
+
+    try:
+        cfg = load_config("launch/tiny.yaml", [*run, "train.checkpoint_every=1", f"output_dir={faulty}"])
+        trainer = threading.Thread(target=drive)
+        trainer.start()  # the driver loop in a thread: adding and removing nodes must happen in the main one
+        when_ledger_has(faulty, [(2, lambda: None)]).join()
+        cluster.add_node(num_cpus=1)  # the spare, added once the actors are placed on the doomed node
+        cluster.remove_node(doomed, allow_graceful=False)
+        trainer.join(timeout=600)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert "summary" in result, result.get("error", "the run did not finish in 600 s")
+    summary = result["summary"]
+    assert summary.samples == 12 and summary.updates == 6
+    assert summary.learner_restarts == 1 and summary.sampler_redraws >= 1  # both were on the lost node
+    assert sorted(ledger_ids(faulty)) == sorted(f"{it}:0:{row}" for it in range(6) for row in range(2))
+    train_single_threaded(tmp_path / "clean", *run)
+    assert_same_lora(tmp_path / "clean", faulty)
 
 
 def test_pipelined_samplers_draw_one_version_stale(tmp_path, local_ray):

@@ -83,3 +83,41 @@ def test_weights_and_biases_mirror_offline(tmp_path, monkeypatch):
     assert len(list((run / "files" / "media" / "images" / "eval").glob("*.png"))) == 2  # one per update
     records = next(run.glob("*.wandb")).read_bytes()
     assert b"train/loss" in records and b"perf/samples_per_second" in records
+
+
+def test_a_non_finite_reward_stops_the_run_before_training_on_it(tmp_path, monkeypatch, capsys):
+    """A reward that turns NaN mid-run (the third call) stops `tailorpo train` with exit code 1, naming the reward
+    and the prompts, after the checkpoint of the last good update; --resume is the way on."""
+    from tailorpo import trainer
+    from tailorpo.cli import main
+    from tailorpo.rewards import TorchReward
+
+    class TurnsNaN(TorchReward):
+        name = "turns_nan"
+        calls_before_nan = 2
+
+        def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            type(self).calls_before_nan -= 1
+            scores = images.mean(dim=(1, 2, 3))
+            return scores if self.calls_before_nan >= 0 else scores * float("nan")
+
+    monkeypatch.setattr(trainer, "build_reward_model", lambda cfg: TurnsNaN())
+    sets = ["algorithm.name=d3po", "train.checkpoint_every=1", f"output_dir={tmp_path}"]
+    assert main(["train", "launch/tiny.yaml", "--no-progress", *[a for s in sets for a in ("--set", s)]]) == 1
+    err = capsys.readouterr().err
+    assert "training stopped: reward 'turns_nan' returned non-finite scores for rows [0, 1, 2, 3]" in err
+    assert "--resume" in err
+    assert max(p.name for p in tmp_path.glob("checkpoint-*")) == "checkpoint-00000002"  # two good updates
+    assert not (tmp_path / "lora").exists()
+
+
+def test_a_diverged_lora_stops_the_run_on_its_nan_samples(tmp_path, capsys):
+    """lr 1e30 blows the LoRA up after one step: the next samples are NaN, which stops the run (exit 1) before
+    the reward ranks or the learner trains on them."""
+    from tailorpo.cli import main
+
+    sets = ["optim.lr=1e30", "train.checkpoint_every=1", f"output_dir={tmp_path}"]
+    assert main(["train", "launch/tiny.yaml", "--no-progress", *[a for s in sets for a in ("--set", s)]]) == 1
+    err = capsys.readouterr().err
+    assert "training stopped: images contain NaN or inf (the policy's samples: a diverged LoRA?" in err
+    assert max(p.name for p in tmp_path.glob("checkpoint-*")) == "checkpoint-00000001"

@@ -19,9 +19,12 @@ REWARDS: dict[str, type[RewardModel]] = {
 
 
 def build_reward(name: str) -> RewardModel:
-    if name not in REWARDS:
-        raise ValueError(f"reward.name={name!r} is not a known reward; choose one of {sorted(REWARDS)}")
-    return REWARDS[name]()
+    """An in-process reward: one of ``REWARDS``, or a learned reward server's model with its default weights."""
+    from reward_servers import SERVABLE, load_reward_model  # imported late: reward_servers imports this package
+
+    if name not in SERVABLE:
+        raise ValueError(f"reward.name={name!r} is not a known reward; choose one of {SERVABLE}")
+    return load_reward_model(name)
 
 
 __all__ = [

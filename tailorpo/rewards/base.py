@@ -46,16 +46,25 @@ class RewardModel(ABC):
 
     def score(self, images: torch.Tensor, prompts: list[str], want_grad: bool = False) -> RewardOutput:
         validate_reward_input(images, prompts)
+        self.check_prompts(prompts)
         if want_grad and not self.differentiable:
             raise RewardInputError(f"reward {self.name!r} is not differentiable; it cannot return a gradient")
         tick = time.perf_counter()
         out = self._score(images.detach().float(), prompts, want_grad)
+        if not torch.isfinite(out.scores).all():  # a NaN ranks no pair: never train on it
+            bad = (~torch.isfinite(out.scores)).nonzero().flatten().tolist()
+            raise FloatingPointError(f"reward {self.name!r} returned non-finite scores for rows {bad} "
+                                     f"(prompts {[prompts[i] for i in bad]}); stopping")
         self.calls += 1
         self.seconds += time.perf_counter() - tick
         return out
 
     @abstractmethod
     def _score(self, images: torch.Tensor, prompts: list[str], want_grad: bool) -> RewardOutput: ...
+
+    def check_prompts(self, prompts: list[str]) -> None:  # noqa: B027 - optional: most rewards score any prompt
+        """Raise RewardInputError for prompts this reward cannot score (most score any). A server calls it before
+        batching, so one caller's bad prompt is that caller's INVALID_ARGUMENT, not a failed batch for all."""
 
     def close(self) -> None:
         """Release what the reward holds (the gRPC client closes its channels); in-process rewards hold

@@ -40,6 +40,22 @@ class RewardServerError(RuntimeError):
     """A reward server refused or failed a call; the message names the address and the status."""
 
 
+def channel_credentials(
+    tls_ca: str | None, client_cert: str | None = None, client_key: str | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS that trusts only ``tls_ca`` (not the system roots), presenting the client certificate to servers
+    that require one (``--tls-client-ca``); None: plaintext. One place, so reward clients and the launched
+    servers' health probes connect alike."""
+    if bool(client_cert) != bool(client_key):
+        raise ValueError("a client certificate needs its key and a key its certificate")
+    if not tls_ca:
+        if client_cert:
+            raise ValueError("a client certificate is only sent over TLS; give the servers' CA (tls_ca) too")
+        return None
+    return grpc.ssl_channel_credentials(Path(tls_ca).read_bytes(), client_key and Path(client_key).read_bytes(),
+                                        client_cert and Path(client_cert).read_bytes())
+
+
 class GrpcReward(RewardModel):
     def __init__(
         self,
@@ -51,6 +67,8 @@ class GrpcReward(RewardModel):
         tls_ca: str | None = None,
         wire_dtype: str = "float32",
         connect_timeout_s: float = 10.0,
+        tls_client_cert: str | None = None,
+        tls_client_key: str | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("GrpcReward needs at least one server address")
@@ -60,8 +78,9 @@ class GrpcReward(RewardModel):
         self.backoff_s = backoff_s
         self.wire_dtype = wire_dtype
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        if tls_ca:
-            credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+        credentials = channel_credentials(tls_ca, tls_client_cert, tls_client_key)
+        self._tls = credentials is not None
+        if credentials is not None:
             self._channels = [grpc.secure_channel(a, credentials, CHANNEL_OPTIONS) for a in self.addresses]
         else:
             self._channels = [grpc.insecure_channel(a, CHANNEL_OPTIONS) for a in self.addresses]
@@ -91,13 +110,15 @@ class GrpcReward(RewardModel):
     def _agreed_info(self, ready: list[grpc.Future], connect_timeout_s: float) -> reward_pb2.InfoResponse:
         deadline = time.monotonic() + connect_timeout_s
         answers, errors = [], []
-        for address, stub, future in zip(self.addresses, self._stubs, ready):
+        for address, stub, future in zip(self.addresses, self._stubs, ready, strict=True):
             try:
                 future.result(timeout=max(deadline - time.monotonic(), 0))
                 answers.append((address, stub.Info(reward_pb2.InfoRequest(), timeout=connect_timeout_s,
                                                    metadata=self._metadata)))
             except grpc.FutureTimeoutError:
-                errors.append(f"{address}: unreachable within {connect_timeout_s:.0f}s")
+                # grpc does not say why a TLS handshake failed: it looks like an unreachable server
+                hint = " (or the TLS handshake failed: check tls_ca and the client certificate)" if self._tls else ""
+                errors.append(f"{address}: unreachable within {connect_timeout_s:.0f}s{hint}")
             except grpc.RpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE:  # reachable but refusing: misconfigured
                     raise RewardServerError(f"{address}: {err.code().name} {err.details()}") from None

@@ -9,8 +9,9 @@ With ``runtime.pipeline`` the samplers start the next batch as soon as the learn
 LoRA the learner is updating (one version stale), so they do not idle while it trains.
 
 Faults: a sampler that dies is restarted by Ray and its rollout redrawn from the same noise stream; a learner
-that dies is replaced by a new one restored from the newest checkpoint, and the iterations after it are
-replayed. Either way ``ledger.jsonl`` lists each sample once.
+that dies, or an object lost with a node (LoRA weights, a finished rollout), makes the driver start a new
+learner from the newest checkpoint and replay the iterations after it. Either way ``ledger.jsonl`` lists each
+sample once. A lost node is both at once: its actors are rebuilt on the remaining nodes.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ REWARD_NAME = "tailorpo-reward"
 
 
 class LearnerDied(RuntimeError):
-    """The learner actor is gone; the driver replaces it from the newest checkpoint."""
+    """The learner actor is gone, or an object the loop needs (LoRA weights, a rollout) was lost with the node
+    that held it; either way the driver replaces the learner from the newest checkpoint and replays from there."""
+
+
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)  # a task's error is also its cause's type
 
 
 def actor_options(resources: ActorResources) -> dict:
@@ -99,7 +104,8 @@ def launch_reward_servers(cfg: Config) -> tuple[list, Config]:
     owners = [
         ray.remote(RewardServerOwner)
         .options(**actor_options(spec.resources), max_restarts=cfg.runtime.max_restarts, name=f"{REWARD_NAME}-{i}")
-        .remote(spec.model_dump(mode="json"), cfg.reward.token_env, cfg.reward.tls_ca)
+        .remote(spec.model_dump(mode="json"), cfg.reward.token_env, cfg.reward.tls_ca, cfg.reward.tls_client_cert,
+                cfg.reward.tls_client_key)
         for i, spec in enumerate(cfg.reward.launch)
     ]
     addresses = ray.get([owner.address.remote() for owner in owners])
@@ -135,29 +141,30 @@ class Driver:
         self.progress = progress
         self.learner = self._start_learner()
         self.version = 0  # LoRA publications so far; never rewinds, so a sampler never keeps a stale copy
+        self.redraws = 0  # rollouts redrawn after their sampler died
+        self.restarts = 0  # learners replaced from the newest checkpoint
 
     def _start_learner(self):
         return (ray.remote(LearnerWorker).options(**actor_options(self.cfg.runtime.learner), name=LEARNER_NAME)
                 .remote(self.cfg.model_dump(mode="json")))
 
     def _get(self, ref):
-        """A learner result; its death becomes ``LearnerDied``."""
+        """A learner result; its death, or its input lost with a node, becomes ``LearnerDied``."""
         try:
             return ray.get(ref)
-        except ray.exceptions.RayActorError as err:
+        except LOST as err:
             raise LearnerDied(str(err)) from err
 
     def run(self, resume: bool, start: float) -> RunSummary:
         """The training loop, restarted from the newest checkpoint each time the learner dies (up to
         ``runtime.max_restarts`` times)."""
-        restarts = 0
         while True:
             try:
-                return self._run(resume, start, fresh_if_none=restarts > 0)
+                return self._run(resume, start, fresh_if_none=self.restarts > 0)
             except LearnerDied as err:
-                restarts += 1
-                if restarts > self.cfg.runtime.max_restarts:
-                    raise RuntimeError(f"the learner died {restarts} times (runtime.max_restarts): {err}") from err
+                self.restarts += 1
+                if self.restarts > self.cfg.runtime.max_restarts:
+                    raise RuntimeError(f"the learner died {self.restarts} times (runtime.max_restarts): {err}") from err
                 ray.kill(self.learner)
                 self.learner = self._start_learner()
                 resume = True
@@ -183,18 +190,22 @@ class Driver:
     def collect(self, batch: Batch) -> list[dict[str, float]]:
         """Wait for every rollout of the batch (without fetching it). A sampler that dies mid-rollout is
         restarted by Ray (``max_restarts``) and the rollout redrawn from the same (seed, iteration, slot)
-        noise stream: the same samples, none lost and none counted twice."""
+        noise stream: the same samples, none lost and none counted twice. LoRA weights lost with the learner's
+        node fail the draw with ObjectLostError: the learner is replaced (``LearnerDied``)."""
         summaries = []
         for slot in range(len(self.samplers)):
             for attempt in range(self.cfg.runtime.max_restarts + 1):
                 try:
                     summaries.append(ray.get(batch.summaries[slot]))
                     break
+                except ray.exceptions.ObjectLostError as err:
+                    raise LearnerDied(f"sampler {slot}'s input was lost: {err}") from err
                 except ray.exceptions.RayActorError:
                     if attempt == self.cfg.runtime.max_restarts:
                         raise
                     self._wait_until_restarted(slot)
                     batch.summaries[slot], batch.rollouts[slot] = self._draw(batch, slot)
+                    self.redraws += 1
         return summaries
 
     def _wait_until_restarted(self, slot: int, timeout_s: float = 600.0) -> None:
@@ -249,4 +260,5 @@ class Driver:
                     batch = self.submit(lora, version, prompt_generator, state.iteration)
         finally:
             log.close()
-        return self._get(learner.finish.remote(log.samples, time.perf_counter() - start, log.figures()))
+        recoveries = {"sampler_redraws": self.redraws, "learner_restarts": self.restarts}
+        return self._get(learner.finish.remote(log.samples, time.perf_counter() - start, log.figures() | recoveries))

@@ -12,12 +12,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tailorpo.config import LaunchedRewardServer
+from tailorpo.rewards.grpc_client import channel_credentials
 
 WATCH_INTERVAL_S = 0.2
 
@@ -25,10 +25,13 @@ WATCH_INTERVAL_S = 0.2
 class RewardServerOwner:
     """Starts the server process, restarts it if it exits, reports its address, answers health, stops it."""
 
-    def __init__(self, spec: dict, token_env: str | None = None, tls_ca: str | None = None) -> None:
+    def __init__(
+        self, spec: dict, token_env: str | None = None, tls_ca: str | None = None, tls_client_cert: str | None = None,
+        tls_client_key: str | None = None,
+    ) -> None:
         self.spec = LaunchedRewardServer.model_validate(spec)
         self.token_env = token_env
-        self.tls_ca = tls_ca
+        self.credentials = channel_credentials(tls_ca, tls_client_cert, tls_client_key)  # for the health probe
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"reward-{self.spec.name}-", suffix=".log")  # noqa: SIM115
         self.restarts = 0
         self._stopping = threading.Event()
@@ -50,6 +53,7 @@ class RewardServerOwner:
         command += ["--tiny"] if spec.tiny else []
         command += ["--token-env", self.token_env] if self.token_env else []
         command += ["--tls-cert", spec.tls_cert, "--tls-key", spec.tls_key] if spec.tls_cert else []
+        command += ["--tls-client-ca", spec.tls_client_ca] if spec.tls_client_ca else []
         return command
 
     def _start(self, port: int) -> int:
@@ -82,8 +86,8 @@ class RewardServerOwner:
         return self.process.pid
 
     def serving(self, timeout_s: float = 5.0) -> bool:
-        if self.tls_ca:
-            channel = grpc.secure_channel(self._address, grpc.ssl_channel_credentials(Path(self.tls_ca).read_bytes()))
+        if self.credentials is not None:
+            channel = grpc.secure_channel(self._address, self.credentials)
         else:
             channel = grpc.insecure_channel(self._address)
         with channel:

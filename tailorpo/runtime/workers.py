@@ -17,12 +17,12 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from tailorpo.checkpoint import Progress, latest_checkpoint
 from tailorpo.config import Config
-from tailorpo.learner import Learner
 from tailorpo.objectives import PerPromptStatTracker
 from tailorpo.rewards import RewardModel
 from tailorpo.rollouts import Rollout, map_tensors
 from tailorpo.run_log import EvalSnapshot, RunSummary
 from tailorpo.trainer import (
+    build_learner,
     build_policy,
     build_reward_model,
     collect_rollout,
@@ -85,7 +85,7 @@ class LearnerWorker:
         self.cfg = Config.model_validate(cfg)
         seed_everything(self.cfg.seed)
         self.policy = build_policy(self.cfg, resolve_device(self.cfg.device))
-        self.learner = Learner(self.policy, self.cfg.optim, self.cfg.algorithm)
+        self.learner = build_learner(self.cfg, self.policy)
         ddpo = self.cfg.algorithm.ddpo
         self.tracker = PerPromptStatTracker(ddpo.stat_buffer_size, ddpo.stat_min_count)
         self.updates_before = 0

@@ -1,7 +1,12 @@
-"""MaPO's Pick-Style / Pick-Safety recipe: preference pairs sampled from a base model by prompt prefixes.
+"""Pair folders sampled from a base model, for the pair objectives: ranked by a reward, or by prompt prefixes.
 
-For each prompt the base model (the configured pipeline, LoRA disabled) draws the preferred image from
-"<preferred prefix>, <prompt>" and the dispreferred one from "<dispreferred prefix>, <prompt>"; the pair is
+``build_reward_pairs`` (``tailorpo sample-pairs``): the online sampler's pairs written to disk. Two samples per
+prompt ranked by the configured reward (``rollouts.final_image_pair_rollout``, ties skipped), appended by
+``pair_data.export_pairs`` with both rewards on each line: a reusable offline set from any model and reward.
+
+``build_style_pairs`` (``tailorpo build-style-pairs``), MaPO's Pick-Style / Pick-Safety recipe. For each prompt
+the base model (the configured pipeline, LoRA disabled) draws the preferred image from "<preferred prefix>,
+<prompt>" and the dispreferred one from "<dispreferred prefix>, <prompt>"; the pair is
 stored under the plain prompt, so a model trained on it learns the preferred look without being asked for it.
 The preference comes from the construction, not from a reward. Both images of a pair start from the same
 noise (initial latents and every DDIM step's noise), so they differ by the prefix and not by the seed.
@@ -24,9 +29,16 @@ import torch
 
 from tailorpo.config import Config
 from tailorpo.models import reference_model
-from tailorpo.pair_data import write_pairs
-from tailorpo.rollouts import trajectory_rollout
-from tailorpo.trainer import build_policy, resolve_device, rollout_generator, seed_everything
+from tailorpo.pair_data import export_pairs, write_pairs
+from tailorpo.rollouts import final_image_pair_rollout, trajectory_rollout
+from tailorpo.trainer import (
+    build_policy,
+    build_reward_model,
+    pick_prompts,
+    resolve_device,
+    rollout_generator,
+    seed_everything,
+)
 
 RECIPES: dict[str, tuple[str, str | None]] = {  # recipe -> (preferred prefix, dispreferred prefix or None: ask)
     "style": ("Disney style animated image", "Realistic 8k image"),
@@ -69,3 +81,27 @@ def build_style_pairs(
                           for w, ell in zip(prompt_w, prompt_l, strict=True)]
             written += write_pairs(out, batch, images_w, images_l, provenance)
     return written
+
+
+@torch.no_grad()
+def build_reward_pairs(cfg: Config, out: str | Path, count: int) -> tuple[int, int]:
+    """Append at least ``count`` reward-ranked pairs to the pair folder ``out``: batches of ``sampling.batch_size``
+    prompts drawn from the config's prompts as a training run draws them, two base-model samples each from
+    ``rollout_generator(cfg.seed, batch, 0)``. Returns (pairs written, ties skipped)."""
+    if count < 1:
+        raise ValueError(f"--count {count}: ask for at least one pair")
+    seed_everything(cfg.seed)
+    reward = build_reward_model(cfg)
+    policy = build_policy(cfg, resolve_device(cfg.device))
+    prompt_generator = torch.Generator().manual_seed(cfg.seed)
+    written = ties = batch_index = 0
+    with reference_model(policy.unet):
+        while written < count:
+            prompts = pick_prompts(cfg, prompt_generator)
+            rollout = final_image_pair_rollout(policy, reward, prompts, rollout_generator(cfg.seed, batch_index, 0))
+            counts = export_pairs(out, prompts, rollout.images, rollout.rewards)
+            written, ties, batch_index = written + counts.written, ties + counts.ties, batch_index + 1
+            if batch_index * len(prompts) >= 100 * count and not written:
+                raise ValueError(f"reward {reward.name!r} tied on all {batch_index * len(prompts)} prompts sampled")
+    reward.close()
+    return written, ties

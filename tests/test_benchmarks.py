@@ -1,0 +1,79 @@
+"""benchmarks/run_all.py: the table it builds from the benchmarks' figures, how a failing benchmark shows, and one
+real benchmark through it in quick mode."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+try:
+    import run_all
+    from figures import Figure, read_figures, write_figures
+finally:
+    sys.path.remove(str(BENCH_DIR))
+
+
+def test_rows_and_markdown_name_each_benchmark_once_and_show_failures():
+    outcomes = [
+        run_all.Outcome("iteration_cost", [Figure("time per pair, TailorPO/D3PO", 0.7012, "< 1"),
+                                           Figure("counts off their minimum", 0.0, "0", digits=0)], 12.0),
+        run_all.Outcome("reward_load", [Figure("lost | mismatched", 3.0, "0", digits=0)], 5.0, "exit code 1"),
+        run_all.Outcome("ray_scaling", [], 1.0, "exit code 1: RuntimeError: no Ray"),
+    ]
+    assert run_all.table_rows(outcomes) == [
+        ("iteration_cost", "time per pair, TailorPO/D3PO", "0.70", "< 1"),
+        ("", "counts off their minimum", "0", "0"),
+        ("reward_load", "lost | mismatched", "3", "0"),
+        ("", "FAILED", "-", "exit code 1"),
+        ("ray_scaling", "FAILED", "-", "exit code 1: RuntimeError: no Ray"),
+    ]
+    markdown = run_all.markdown_table(run_all.table_rows(outcomes)).splitlines()
+    assert markdown[:3] == ["| benchmark | figure | value | how to read it |", "|---|---|--:|---|",
+                            "| iteration_cost | time per pair, TailorPO/D3PO | 0.70 | < 1 |"]
+    assert markdown[3] == "|  | counts off their minimum | 0 | 0 |"
+    assert markdown[4] == "| reward_load | lost \\| mismatched | 3 | 0 |"  # a "|" in a cell is escaped
+    assert markdown[-1] == "| ray_scaling | FAILED | - | exit code 1: RuntimeError: no Ray |"
+
+
+def test_figures_round_trip_through_json_and_show_nan(tmp_path):
+    figures = [Figure("ratio", 0.5, "< 1"), Figure("idle", math.nan, "n/a", digits=1)]
+    write_figures(str(tmp_path / "f.json"), figures)
+    assert [f.name for f in read_figures(tmp_path / "f.json")] == ["ratio", "idle"]
+    assert [f.shown() for f in figures] == ["0.50", "nan"]
+
+
+@pytest.mark.parametrize(
+    ("source", "timeout_s", "error"),
+    [
+        ("raise RuntimeError('boom')", 60.0, "exit code 1: RuntimeError: boom"),
+        ("print('done')", 60.0, "wrote no figures"),
+        ("import sys\nsys.exit(3)", 60.0, "exit code 3"),
+        ("import time\ntime.sleep(60)", 1.0, "timed out after 1 s"),
+    ],
+)
+def test_a_crashing_silent_or_hung_benchmark_is_failed_with_its_error(tmp_path, source, timeout_s, error):
+    script = tmp_path / "broken.py"
+    script.write_text(source)
+    outcome = run_all.run_benchmark(script, [], tmp_path / "broken.log", timeout_s)
+    assert (outcome.benchmark, outcome.figures, outcome.error) == ("broken", [], error)
+
+
+@pytest.mark.slow
+def test_quick_run_all_tables_iteration_cost_with_finite_figures(tmp_path):
+    cfg = yaml.safe_load((BENCH_DIR.parent / "launch" / "tiny.yaml").read_text())
+    cfg["sampling"]["num_steps"], cfg["algorithm"]["fine_tuned_steps"] = 4, [4, 2]  # a shorter chain: cheaper
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "table.md"
+    code = run_all.main(["--quick", "--only", "iteration_cost", "--config", str(tmp_path / "short.yaml"),
+                         "--out", str(out), "--logs", str(tmp_path / "logs")])
+    assert code == 0, (tmp_path / "logs" / "iteration_cost.log").read_text()[-3000:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()[2:]]
+    rows = {figure: value for _, figure, value, _ in cells}
+    assert rows["UNet/VAE counts off their minimum"] == "0"
+    assert math.isfinite(float(rows["time per pair, TailorPO/D3PO"]))

@@ -1,0 +1,183 @@
+"""The paper-claims experiments: their math against hand computations, their configs, and one tiny run."""
+
+import csv
+import math
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tailorpo.config import ConfigError, load_config
+from tailorpo.paper_claims import (
+    CurvePoint,
+    GeneralizationRow,
+    generalization_markdown,
+    held_out_prompts,
+    launched_rewards,
+    main,
+    order_disagreement,
+    read_csv,
+    run_config,
+    same_run,
+    samples_per_update,
+    seed_band,
+    success_rates,
+    with_overrides,
+    write_csv,
+)
+from tailorpo.prompts import SHAPE_HELD_OUT
+
+
+def test_order_disagreement_counts_only_ordered_pairs():
+    # step 0: signs + - 0 +, final + + - + -> pair 2 tied, pair 1 disagrees: 1 of 3
+    # step 1: signs - + + 0, final + + - + -> pair 3 tied, pairs 0 and 2 disagree: 2 of 3
+    step_a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+    step_b = torch.tensor([[0.0, 3.0, 3.0, 1.0], [5.0, 1.0, 1.0, 1.0]])
+    final_a, final_b = torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([0.0, 0.0, 2.0, 0.0])
+    rates, counted = order_disagreement(step_a, step_b, final_a, final_b)
+    torch.testing.assert_close(rates, torch.tensor([1 / 3, 2 / 3]))
+    assert counted.tolist() == [3, 3]
+    # a tie in the final rewards removes the pair at every step
+    rates, counted = order_disagreement(step_a, step_b, final_a, torch.tensor([1.0, 0.0, 2.0, 0.0]))
+    torch.testing.assert_close(rates, torch.tensor([1 / 2, 1 / 2]))
+    assert counted.tolist() == [2, 2]
+
+
+def test_order_disagreement_takes_per_step_finals_and_is_nan_without_pairs():
+    step_a, step_b = torch.tensor([[1.0, 1.0], [1.0, 1.0]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    final_a, final_b = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # (S, N)
+    rates, counted = order_disagreement(step_a, step_b, final_a, final_b)
+    assert rates[0].item() == 0.5 and math.isnan(rates[1].item())  # step 1: every step-wise pair tied
+    assert counted.tolist() == [2, 0]
+
+
+def test_success_rates_are_strict():
+    r_x = torch.zeros(4)
+    raised, lowered = success_rates(r_x, torch.tensor([1.0, 0.0, 2.0, -1.0]), torch.tensor([-1.0, -1.0, 0.0, 1.0]))
+    assert (raised, lowered) == (0.5, 0.5)  # an unmoved sample is no success
+
+
+def test_seed_band_aligns_on_common_sample_counts():
+    curves = [{0: 1.0, 4: 2.0, 8: 3.0}, {0: 3.0, 4: 4.0, 8: 5.0, 12: 9.0}, {0: 2.0, 4: 3.0, 8: 4.0}]
+    steps, mean, std = seed_band(curves)
+    assert steps == [0, 4, 8]  # 12: only one seed reached it
+    torch.testing.assert_close(mean, torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(std, torch.full((3,), math.sqrt(2 / 3), dtype=torch.float64))  # population std
+
+
+def test_samples_per_update_and_eval_every_give_the_same_sample_grid(tmp_path):
+    cfg = load_config("launch/tiny.yaml")
+    assert samples_per_update(cfg) == 2  # TailorPO: one kept chain per prompt, batch 2
+    assert samples_per_update(with_overrides(cfg, ["algorithm.name=d3po"])) == 4  # two trajectories per prompt
+    assert samples_per_update(with_overrides(cfg, ["algorithm.name=ddpo", "sampling.batch_size=4"])) == 4
+    assert samples_per_update(with_overrides(cfg, ["optim.gradient_accumulation_steps=3"])) == 6
+    runs = {m: run_config(cfg, m, 1, 32, 8, tmp_path) for m in ("tailorpo", "d3po")}
+    assert runs["tailorpo"].eval.every == 4 and runs["d3po"].eval.every == 2  # both every 8 images
+    assert runs["d3po"].seed == 1 and runs["d3po"].train.total_samples == 32
+    assert runs["d3po"].output_dir == str(tmp_path / "runs" / "d3po" / "seed1")
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        with_overrides(cfg, ["optim.lrr=1"])
+
+
+def test_finished_runs_are_reused_whatever_port_their_reward_server_had():
+    cfg = load_config("launch/tiny.yaml", ["reward.servers=[{addresses: ['127.0.0.1:1']}]"])
+    assert same_run(cfg, with_overrides(cfg, ["reward.servers=[{addresses: ['127.0.0.1:2']}]"]))
+    assert not same_run(cfg, with_overrides(cfg, ["optim.lr=0.1"]))
+
+
+def test_launched_reward_servers_run_as_local_processes_for_the_experiments():
+    """A Ray-style config (reward.launch) works in one process: its servers start here and stop after."""
+    from tailorpo.trainer import build_reward_model
+
+    cfg = load_config("launch/tiny.yaml", ["runtime.samplers=1", "reward.launch=[{name: jpeg}]"])
+    with launched_rewards(cfg) as local:
+        assert local.runtime.samplers == 0 and not local.reward.launch
+        (server,) = local.reward.servers
+        reward = build_reward_model(local)
+        assert reward.name == "jpeg" and not reward.differentiable
+        reward.close()
+    host, port = server.addresses[0].rsplit(":", 1)
+    with pytest.raises(ConnectionRefusedError):  # stopped on exit
+        socket.create_connection((host, int(port)), timeout=5)
+
+
+def test_held_out_prompts(tmp_path):
+    cfg = load_config("launch/tiny.yaml")
+    assert held_out_prompts(cfg, "eval") == cfg.eval.prompts
+    assert held_out_prompts(cfg, "shapes") == SHAPE_HELD_OUT
+    (tmp_path / "p.txt").write_text("a red fox\n\n  a blue whale \n")
+    assert held_out_prompts(cfg, str(tmp_path / "p.txt")) == ["a red fox", "a blue whale"]
+    with pytest.raises(ConfigError, match="--held-out"):
+        held_out_prompts(cfg, str(tmp_path / "missing.txt"))
+
+
+def test_table3_rows_round_trip_and_merge_into_the_papers_layout(tmp_path):
+    rows = [GeneralizationRow("base", "aesthetic", 500, 2500, 0, 5.69, 0.0, 0.5),
+            GeneralizationRow("tailorpo", "aesthetic", 500, 2500, 3, 6.26, 0.05, 0.81),
+            GeneralizationRow("base", "jpeg", 500, 2500, 0, -98.95, 0.0, 0.5),
+            GeneralizationRow("tailorpo", "jpeg", 500, 2500, 1, -7.32, 0.0, 0.97),
+            GeneralizationRow("tailorpo_g", "aesthetic", 500, 2500, 1, 6.45, 0.0, 0.9)]
+    write_csv(tmp_path / "t.csv", rows)
+    assert read_csv(tmp_path / "t.csv", GeneralizationRow) == rows
+    table = generalization_markdown(rows).splitlines()
+    assert "| model | aesthetic | jpeg |" in table
+    assert "| base model | 5.6900 | -98.9500 |" in table
+    assert "| TailorPO | 6.2600 ± 0.0500 (81%) | -7.3200 ± 0.0000 (97%) |" in table
+    assert "| TailorPO-G | 6.4500 ± 0.0000 (90%) | n/a |" in table  # not differentiable: never trained
+    points = [CurvePoint("d3po", "jpeg", 0, -4.3, 0.01, 3)]
+    write_csv(tmp_path / "c.csv", points)
+    assert read_csv(tmp_path / "c.csv", CurvePoint) == points
+
+
+def test_gpu_recipe_configs_load_and_it_stops_without_a_gpu(tmp_path):
+    sys.path.insert(0, "experiments")
+    try:
+        import paper_sd15
+    finally:
+        sys.path.remove("experiments")
+    for reward in paper_sd15.TABLE3_REWARDS:
+        cfg = load_config(paper_sd15.CONFIG, paper_sd15.reward_overrides(reward, "127.0.0.1:50051"))
+        assert cfg.model.pretrained == "runwayml/stable-diffusion-v1-5" and cfg.model.resolution == 512
+        assert cfg.train.total_samples == 10_000 and cfg.sampling.batch_size == 2
+        assert cfg.algorithm.fine_tuned_steps == [20, 16, 12, 8, 4] and cfg.runtime.samplers == 0
+        if reward == "jpeg":  # in process
+            assert cfg.reward.name == "jpeg" and not cfg.reward.servers
+        else:
+            assert [s.addresses for s in cfg.reward.servers] == [["127.0.0.1:50051"]]
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, "experiments/paper_sd15.py", "--out", str(tmp_path)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
+        assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+@pytest.mark.slow
+def test_all_pieces_end_to_end_on_the_tiny_model(tmp_path):
+    """One seed, a tiny budget, two methods: every file appears and every number is well-formed."""
+    assert main(["all", "--config", "launch/tiny.yaml", "--set", "reward.name=colorfulness",
+                 "--set", "eval.images_per_prompt=1", "--out", str(tmp_path), "--seeds", "0", "--samples", "8",
+                 "--eval-every-samples", "4", "--methods", "tailorpo", "d3po", "--pairs", "4", "--continuations",
+                 "2", "--branch-pairs", "2", "--noisy-samples", "5", "--images-per-prompt", "1"]) == 0
+    for name in ("fig4_reward_curves.png", "fig2_order_inconsistency.png", "table1_guidance.md",
+                 "table3_generalization.md", "summary.md", "timings.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+    def rows(name):
+        with open(tmp_path / name, newline="") as f:
+            return list(csv.DictReader(f))
+
+    curve = {(r["method"], int(r["samples"])) for r in rows("fig4_reward_curves.csv")}
+    assert curve == {(m, s) for m in ("tailorpo", "d3po") for s in (0, 4, 8)}  # base, periodic eval, final
+    for r in rows("fig2_order_inconsistency.csv"):
+        assert r["comparison"] in ("trajectories", "branches_x0_hat", "branches_one_final")
+        assert math.isnan(float(r["disagreement"])) or 0 <= float(r["disagreement"]) <= 1
+    guidance = rows("table1_guidance.csv")
+    assert [r["step"] for r in guidance] == ["k=20", "k=16", "k=12", "k=8", "k=4", "all"]
+    assert guidance[-1]["samples"] == "5" and all(0 <= float(r["raised"]) <= 1 for r in guidance)
+    table = {r["method"]: r for r in rows("table3_generalization.csv")}
+    assert set(table) == {"base", "tailorpo", "d3po"} and table["d3po"]["seeds"] == "1"
+    assert all(math.isfinite(float(r["mean"])) for r in table.values())
+    summary = (tmp_path / "summary.md").read_text()
+    assert "![reward curves](fig4_reward_curves.png)" in summary and "## Table 3" in summary
