@@ -116,7 +116,9 @@ class RewardServerConfig(Section):
 
 
 class LaunchedRewardServer(Section):
-    name: str = Field(description="Servable reward: aesthetic, imagereward, pickscore, hpsv2, shapes, jpeg, colorfulness.")
+    name: str = Field(
+        description="Servable reward: aesthetic, imagereward, pickscore, hpsv2, shapes, jpeg, colorfulness."
+    )
     weights: str | None = Field(None, description="Hub id or path of the checkpoint (default: the published one).")
     tiny: bool = Field(False, description="Tiny random weights of the same architecture (tests).")
     device: str = "cpu"
@@ -293,7 +295,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         from reward_servers import SERVABLE
-        from tailorpo.rewards import REWARDS, TorchReward  # learned rewards (not in REWARDS) are torch models
+        from tailorpo.rewards import is_differentiable
 
         problems = []
         steps = self.algorithm.fine_tuned_steps
@@ -312,7 +314,7 @@ class Config(Section):
             pass  # whether a server's reward is differentiable is known once it answers Info
         elif self.reward.name not in SERVABLE:
             problems.append(f"reward.name: {self.reward.name!r} is unknown; choose one of {SERVABLE}")
-        elif self.algorithm.name == "tailorpo_g" and not REWARDS.get(self.reward.name, TorchReward).differentiable:
+        elif self.algorithm.name == "tailorpo_g" and not is_differentiable(self.reward.name):
             problems.append(
                 f"algorithm.name: 'tailorpo_g' needs a differentiable reward, and reward.name="
                 f"{self.reward.name!r} is not; use algorithm.name=tailorpo or a differentiable reward"

@@ -121,10 +121,10 @@ def reward_model(cfg: Config) -> RewardModel:
 def reward_is_differentiable(cfg: Config) -> bool:
     """Whether TailorPO-G and Table 1 can run: asks the configured servers (their Info) or the in-process
     reward's class."""
-    from tailorpo.rewards import REWARDS
+    from tailorpo.rewards import is_differentiable
 
     if not cfg.reward.servers:
-        return REWARDS[cfg.reward.name].differentiable
+        return is_differentiable(cfg.reward.name)
     reward = reward_model(cfg)
     try:
         return reward.differentiable

@@ -18,6 +18,12 @@ REWARDS: dict[str, type[RewardModel]] = {
 }
 
 
+def is_differentiable(name: str) -> bool:
+    """Whether the in-process reward ``name`` returns gradients, known before it loads: the learned reward
+    models (not in ``REWARDS``) are torch models."""
+    return REWARDS.get(name, TorchReward).differentiable
+
+
 def build_reward(name: str) -> RewardModel:
     """An in-process reward: one of ``REWARDS``, or a learned reward server's model with its default weights."""
     from reward_servers import SERVABLE, load_reward_model  # imported late: reward_servers imports this package
@@ -35,4 +41,5 @@ __all__ = [
     "TorchReward",
     "build_reward",
     "differentiable_reward",
+    "is_differentiable",
 ]
