@@ -99,11 +99,14 @@ def _tiny_pipeline(directory: Path) -> StableDiffusionPipeline:
         cross_attention_dim=32,
         attention_head_dim=8,
     )
-    vae = _tiny_vae()
-    text_encoder = CLIPTextModel(_tiny_clip_config(hidden_size=32))
+    return _tiny_sd_pipeline(directory, unet, _tiny_vae())
+
+
+def _tiny_sd_pipeline(directory: Path, unet: UNet2DConditionModel, vae: AutoencoderKL) -> StableDiffusionPipeline:
+    """SD v1.5's pipeline around a tiny UNet and VAE: the tiny CLIP text encoder, CLIP's tokenizer, SD's DDIM."""
     return StableDiffusionPipeline(
         vae=vae,
-        text_encoder=text_encoder,
+        text_encoder=CLIPTextModel(_tiny_clip_config(hidden_size=32)),
         tokenizer=_tiny_tokenizer(directory),
         unet=unet,
         scheduler=_sd_scheduler(),
@@ -163,16 +166,8 @@ def tiny_shapes_pipeline(directory: Path) -> StableDiffusionPipeline:
         cross_attention_dim=32,
         attention_head_dim=8,
     )
-    return StableDiffusionPipeline(
-        vae=_tiny_vae(sample_size=SHAPES_RESOLUTION),  # its scaling_factor is set from the trained latents
-        text_encoder=CLIPTextModel(_tiny_clip_config(hidden_size=32)),
-        tokenizer=_tiny_tokenizer(directory),
-        unet=unet,
-        scheduler=_sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    # the VAE's scaling_factor is set from the trained latents
+    return _tiny_sd_pipeline(directory, unet, _tiny_vae(sample_size=SHAPES_RESOLUTION))
 
 
 def _tiny_vae(scaling_factor: float = 0.18215, sample_size: int = TINY_RESOLUTION) -> AutoencoderKL:
