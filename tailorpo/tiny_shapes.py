@@ -98,7 +98,7 @@ def train_classifier(
     plan: TrainingPlan, generator: torch.Generator, desc: str | None = None
 ) -> tuple[ShapeClassifier, float]:
     """Cross-entropy of the three attributes on fresh images of all captions, with a little pixel noise so
-    the blur and grain of decoded samples do not throw it."""
+    the grain of decoded samples does not throw it."""
     classifier = ShapeClassifier()
 
     def batch_loss() -> torch.Tensor:
@@ -144,10 +144,12 @@ def encode_latent_set(
 
 def caption_ids(pipe: StableDiffusionPipeline, scenes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (N, 77) of the scenes' captions and (1, 77) of "", padded as the pipeline's encode_prompt pads."""
-    tokenize = lambda texts: pipe.tokenizer(  # noqa: E731
-        texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        return pipe.tokenizer(
+            texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
     return tokenize([shape_caption(tuple(s)) for s in scenes.tolist()]), tokenize([""])
 
 
