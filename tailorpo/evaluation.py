@@ -17,11 +17,9 @@ from PIL import Image
 
 from tailorpo.config import Config, ConfigError, LoraSettings
 from tailorpo.models import SavedLora, load_lora, read_lora
-from tailorpo.rewards.images import resize_and_center_crop
-from tailorpo.run_log import image_grid
+from tailorpo.run_log import GRID_PROMPTS, comparison_grid
 from tailorpo.trainer import build_policy, build_reward_model, compare_with_base, resolve_device
 
-GRID_TILE = 256  # largest side of one image in grid.png: 45 prompts x 10 SD images stay a viewable file
 REPORT_FILES = ("results.csv", "results.md", "grid.png")
 
 
@@ -71,13 +69,6 @@ def markdown_table(rows: list[ResultRow]) -> str:
         lines.append(f"| {r.reward} | {prompt} | {r.images} | {r.base_mean:.4f} | {r.base_std:.4f} | "
                      f"{r.lora_mean:.4f} | {r.lora_std:.4f} | {r.win_rate:.3f} |")
     return "\n".join(lines)
-
-
-def comparison_grid(base: torch.Tensor, lora: torch.Tensor, prompts: int) -> Image.Image:
-    """A row per prompt: its base images, then the LoRA's from the same noise, in the same order."""
-    if base.shape[-1] > GRID_TILE:
-        base, lora = (resize_and_center_crop(x, GRID_TILE).clamp(0, 1) for x in (base, lora))
-    return image_grid([torch.cat(pair) for pair in zip(base.chunk(prompts), lora.chunk(prompts), strict=True)])
 
 
 def write_report(out: Path, rows: list[ResultRow], grid: Image.Image, header: str) -> None:
@@ -133,6 +124,7 @@ def run_eval(cfg: Config, lora_dir: Path, out: Path) -> list[ResultRow]:
     rows = result_rows(settings.prompts, base.scores, lora.scores)
     header = (f"LoRA `{lora_dir}` vs base `{cfg.model.pretrained}`: {len(settings.prompts)} prompts x "
               f"{settings.images_per_prompt} images, each pair from the same noise (eval.seed {settings.seed}, "
-              f"{cfg.sampling.num_steps} DDIM steps, guidance {cfg.sampling.guidance_scale:g}).")
-    write_report(out, rows, comparison_grid(base.images, lora.images, len(settings.prompts)), header)
+              f"{cfg.sampling.num_steps} DDIM steps, guidance {cfg.sampling.guidance_scale:g})."
+              + (f" grid.png shows the first {GRID_PROMPTS}." if len(settings.prompts) > GRID_PROMPTS else ""))
+    write_report(out, rows, comparison_grid(base.images, lora.images, settings.images_per_prompt), header)
     return rows

@@ -22,6 +22,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from tailorpo.config import Config, ConfigError
+from tailorpo.rewards.images import resize_and_center_crop
+
+# What an eval keeps of its images for the grids, so memory stays bounded: 500 SD prompts x 5 images at 512 px
+# would hold 8 GB per model; 45 prompts (the paper's training set) x 5 images at 256 px hold 177 MB.
+GRID_PROMPTS = 45
+GRID_TILE = 256  # largest side of a kept image
 
 
 def image_grid(rows: list[torch.Tensor]) -> Image.Image:
@@ -34,13 +40,26 @@ def image_grid(rows: list[torch.Tensor]) -> Image.Image:
     return make_image_grid(pil, rows=len(rows), cols=len(rows[0]))
 
 
+def grid_thumbnails(images: torch.Tensor) -> torch.Tensor:
+    """Images as grids keep them: on the CPU, at most ``GRID_TILE`` pixels a side."""
+    if images.shape[-1] > GRID_TILE:
+        images = resize_and_center_crop(images, GRID_TILE).clamp(0, 1)
+    return images.cpu()
+
+
+def comparison_grid(base: torch.Tensor, lora: torch.Tensor, images_per_prompt: int) -> Image.Image:
+    """A row per prompt: its base images, then the LoRA's from the same noise, in the same order."""
+    pairs = zip(base.split(images_per_prompt), lora.split(images_per_prompt), strict=True)
+    return image_grid([torch.cat(pair) for pair in pairs])
+
+
 @dataclass
 class EvalSnapshot:
     """The fixed eval prompts rendered with fixed noise after ``updates`` optimizer steps."""
 
     updates: int
     rewards: torch.Tensor  # (P * I,) one reward per image
-    images: torch.Tensor  # (P * I, 3, H, W) in [0, 1], prompt-major: I images of each of P prompts
+    images: torch.Tensor  # grid thumbnails, prompt-major: I images of each of the first GRID_PROMPTS prompts
 
 
 @dataclass

@@ -26,7 +26,7 @@ from tailorpo.policy import DiffusionPolicy
 from tailorpo.rewards import RewardModel, build_reward
 from tailorpo.rewards.grpc_client import WeightedSum
 from tailorpo.rollouts import Rollout, d3po_rollout, ddpo_rollout, final_image_pair_rollout, trajectory_rollout
-from tailorpo.run_log import EvalSnapshot, RunLog, RunSummary, image_grid
+from tailorpo.run_log import GRID_PROMPTS, EvalSnapshot, RunLog, RunSummary, comparison_grid, grid_thumbnails
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -146,7 +146,7 @@ def prompts_per_iteration(cfg: Config) -> int:
 
 
 class EvalSamples(NamedTuple):
-    images: torch.Tensor  # (P * I, 3, H, W) in [0, 1] on the CPU, prompt-major: I images of each of P prompts
+    images: torch.Tensor  # (P' * I, 3, h, w) in [0, 1] grid thumbnails of the first P' = min(P, GRID_PROMPTS)
     scores: dict[str, torch.Tensor]  # reward name -> (P * I,) on the CPU; see score_each
 
 
@@ -163,15 +163,18 @@ def score_each(reward: RewardModel, images: torch.Tensor, prompts: list[str]) ->
 def evaluate(policy: DiffusionPolicy, reward: RewardModel, settings: EvalConfig) -> EvalSamples:
     """Plain DDIM samples, ``images_per_prompt`` of each eval prompt, drawn and scored ``batch_size`` at a
     time; batch j draws its noise from ``seed + j``. So every (prompt, image) gets the same noise whatever the
-    weights, and the base model's and the LoRA's images pair up."""
+    weights, and the base model's and the LoRA's images pair up. All are scored; only the grids' thumbnails
+    are kept (run_log.GRID_PROMPTS)."""
     batch = [p for p in settings.prompts for _ in range(settings.images_per_prompt)]
+    kept = GRID_PROMPTS * settings.images_per_prompt
     images, scores = [], []
     for j, start in enumerate(range(0, len(batch), settings.batch_size)):
         chunk = batch[start : start + settings.batch_size]
         generator = torch.Generator().manual_seed(settings.seed + j)
         chunk_images = trajectory_rollout(policy, policy.encode_prompts(chunk), generator, []).images
         scores.append(score_each(reward, chunk_images, chunk))
-        images.append(chunk_images.cpu())
+        if start < kept:
+            images.append(grid_thumbnails(chunk_images[: kept - start]))
     return EvalSamples(torch.cat(images), {name: torch.cat([s[name] for s in scores]) for name in scores[0]})
 
 
@@ -223,7 +226,7 @@ def finish_run(
         learner.apply_gradients()
     save_lora(policy.unet, out / "lora")
     base, trained = compare_with_base(policy, reward, cfg.eval)
-    image_grid([base.images, trained.images]).save(out / "samples.png")
+    comparison_grid(base.images, trained.images, cfg.eval.images_per_prompt).save(out / "samples.png")
     summary = RunSummary(
         algorithm=cfg.algorithm.name,
         samples=samples,

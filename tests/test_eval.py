@@ -14,8 +14,6 @@ from safetensors.torch import load_file, save_file
 from tailorpo.cli import main
 from tailorpo.config import load_config
 from tailorpo.evaluation import (
-    GRID_TILE,
-    comparison_grid,
     lora_settings,
     markdown_table,
     mean_std,
@@ -25,6 +23,10 @@ from tailorpo.evaluation import (
 from tailorpo.models import LORA_FILE, add_lora, load_lora, load_pipeline, lora_mismatches, read_lora, save_lora
 from tailorpo.rewards import build_reward
 from tailorpo.rewards.grpc_client import WeightedSum
+from tailorpo import run_log, trainer
+from tailorpo.config import EvalConfig
+from tailorpo.rewards.jpeg import JpegCompressibility
+from tailorpo.run_log import GRID_TILE, comparison_grid, grid_thumbnails
 from tailorpo.trainer import score_each
 from tests.conftest import fresh_policy, perturb_lora
 from tests.test_reward_server import in_process_server
@@ -103,9 +105,19 @@ def test_lora_mismatches_name_missing_foreign_and_reshaped_weights():
 
 def test_the_grid_pairs_each_prompt_row_and_shrinks_large_images():
     base, lora = torch.ones(2 * 3, 3, 320, 320), torch.zeros(2 * 3, 3, 320, 320)  # 2 prompts x 3 images
-    grid = np.asarray(comparison_grid(base, lora, prompts=2))
+    grid = np.asarray(comparison_grid(grid_thumbnails(base), grid_thumbnails(lora), images_per_prompt=3))
     assert grid.shape == (2 * GRID_TILE, 2 * 3 * GRID_TILE, 3)
     assert (grid[:, : 3 * GRID_TILE] == 255).all() and (grid[:, 3 * GRID_TILE :] == 0).all()
+
+
+def test_evaluate_scores_every_image_but_keeps_thumbnails_of_the_first_prompts_only(tiny_pipe, monkeypatch):
+    """500 SD prompts x 5 images at 512 px would hold 8 GB: the grids' share is bounded, the scores are not cut."""
+    monkeypatch.setattr(trainer, "GRID_PROMPTS", 1)
+    monkeypatch.setattr(run_log, "GRID_TILE", SIDE // 2)
+    settings = EvalConfig(prompts=["a cat", "a dog", "a fox"], images_per_prompt=2, batch_size=4)
+    samples = trainer.evaluate(fresh_policy(tiny_pipe), JpegCompressibility(), settings)
+    assert samples.scores["jpeg"].shape == (6,)
+    assert samples.images.shape == (2, 3, SIDE // 2, SIDE // 2) and samples.images.device.type == "cpu"
 
 
 def _unet_out(unet) -> torch.Tensor:
