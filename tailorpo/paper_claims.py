@@ -444,12 +444,18 @@ class GuidanceRow:
     lowered: float  # share with r_t(x^-) < r_t(x)
     mean_gain_plus: float  # mean r_t(x^+) - r_t(x)
     mean_gain_minus: float  # mean r_t(x^-) - r_t(x)
+    final_raised: float  # the same for the final images of x, x^+, x^- continued on shared noise
+    final_lowered: float
+    mean_final_gain_plus: float
+    mean_final_gain_minus: float
 
 
 def guidance_success(cfg: Config, noisy_samples: int, eta: float, delta: float) -> list[GuidanceRow]:
     """Table 1: noisy base-model samples x_{t-1} at each fine-tuned step (``noisy_samples`` in all), moved to
     x^+ and x^- by the package's guidance (reward differentiated through the UNet at t-1, the VAE decoder and
-    the reward), batched as training batches them (``sampling.batch_size``)."""
+    the reward), batched as training batches them (``sampling.batch_size``). Beyond the paper: x, x^+ and x^-
+    are each denoised to an image on the same noise, so the final rewards show whether raising r(x0_hat)
+    raises the reward of the image the chain ends in."""
     from tailorpo.branching import step_reward_fn
     from tailorpo.guidance import guide
     from tailorpo.models import reference_model
@@ -466,7 +472,7 @@ def guidance_success(cfg: Config, noisy_samples: int, eta: float, delta: float) 
     try:
         with reference_model(policy.unet):
             for k in steps_k:
-                i, r_x, r_plus, r_minus = policy.num_steps - k, [], [], []
+                i, r_x, r_plus, r_minus, finals = policy.num_steps - k, [], [], [], []
                 for c in chunks(per_step, cfg.sampling.batch_size):
                     batch = prompts[c.start:c.stop]
                     embeds = policy.encode_prompts(batch)
@@ -478,25 +484,49 @@ def guidance_success(cfg: Config, noisy_samples: int, eta: float, delta: float) 
                         r_x.append(r.cpu())
                         r_plus.append(r_t(x_plus).cpu())
                         r_minus.append(r_t(x_minus).cpu())
-                results[k] = [torch.cat(r_x), torch.cat(r_plus), torch.cat(r_minus)]
+                        finals.append(final_rewards_on_shared_noise(policy, reward, [x, x_plus, x_minus], embeds,
+                                                                    batch, generator, i + 1))
+                results[k] = [torch.cat(r_x), torch.cat(r_plus), torch.cat(r_minus),
+                              *(torch.cat(f) for f in zip(*finals, strict=True))]
     finally:
         reward.close()
     groups = [(f"k={k}", results[k]) for k in steps_k]
-    groups.append(("all", [torch.cat([results[k][j] for k in steps_k]) for j in range(3)]))
-    return [GuidanceRow(reward.name, name, eta, delta, len(r_x), *success_rates(r_x, r_plus, r_minus),
-                        float((r_plus - r_x).mean()), float((r_minus - r_x).mean()))
-            for name, (r_x, r_plus, r_minus) in groups]
+    groups.append(("all", [torch.cat([results[k][j] for k in steps_k]) for j in range(6)]))
+    return [GuidanceRow(reward.name, name, eta, delta, len(r[0]), *guidance_figures(*r[:3]), *guidance_figures(*r[3:]))
+            for name, r in groups]
+
+
+def guidance_figures(r_x: torch.Tensor, r_plus: torch.Tensor, r_minus: torch.Tensor) -> tuple[float, ...]:
+    """(raised share, lowered share, mean gain of x^+, mean gain of x^-) over samples (N,)."""
+    return (*success_rates(r_x, r_plus, r_minus), float((r_plus - r_x).mean()), float((r_minus - r_x).mean()))
+
+
+@torch.no_grad()
+def final_rewards_on_shared_noise(policy: DiffusionPolicy, reward: RewardModel, starts: list[torch.Tensor],
+                                  embeds: PromptEmbeds, prompts: list[str], generator: torch.Generator,
+                                  start: int) -> list[torch.Tensor]:
+    """The final-image reward of each batch in ``starts`` (inputs of step index ``start``), all denoised with
+    the same noise draws, so their differences come from the starting points alone."""
+    state, finals = generator.get_state(), []
+    for x in starts:
+        generator.set_state(state)
+        finals.append(reward.score(policy.decode(denoise(policy, x, embeds, generator, start)), prompts).scores.cpu())
+    return finals
 
 
 def guidance_markdown(rows: list[GuidanceRow]) -> str:
     r = rows[0]
     lines = ["## Table 1: gradient guidance on noisy samples", "",
              f"Base model, reward `{r.reward}`, eta_t = {r.eta:g}, delta = {r.delta:g}; r_t = r(decode(x0_hat(x))) "
-             "differentiated through the UNet at t-1, the VAE decoder and the reward.", "",
-             "| step | samples | r(x+) > r(x) | r(x-) < r(x) | mean r(x+) - r(x) | mean r(x-) - r(x) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "differentiated through the UNet at t-1, the VAE decoder and the reward. Step-wise: r_t of x+ / x- "
+             "against x (the paper's Table 1). Final: the reward of the image that x+ / x- ends in against x's, "
+             "all three denoised on the same noise.", "",
+             "| step | samples | r_t(x+) > r_t(x) | r_t(x-) < r_t(x) | mean r_t(x+) - r_t(x) | mean r_t(x-) - r_t(x) "
+             "| final: x+ > x | final: x- < x | mean final gain x+ | mean final gain x- |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r.step} | {r.samples} | {r.raised:.0%} | {r.lowered:.0%} | {r.mean_gain_plus:+.4f} | "
-              f"{r.mean_gain_minus:+.4f} |" for r in rows]
+              f"{r.mean_gain_minus:+.4f} | {r.final_raised:.0%} | {r.final_lowered:.0%} | "
+              f"{r.mean_final_gain_plus:+.4f} | {r.mean_final_gain_minus:+.4f} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from tailorpo.paper_claims import (
     generalization_markdown,
     held_out_prompts,
     launched_rewards,
+    final_rewards_on_shared_noise,
     main,
     order_disagreement,
     read_csv,
@@ -28,6 +29,27 @@ from tailorpo.paper_claims import (
     write_csv,
 )
 from tailorpo.prompts import SHAPE_HELD_OUT
+from tailorpo.rewards.colorfulness import Colorfulness
+from tests.conftest import fresh_policy
+
+
+def test_continuations_on_shared_noise_differ_only_by_their_start(tiny_pipe):
+    """Table 1's final columns compare x, x+ and x- through chains that draw the same noise: equal starts end in
+    equal images, and the generator moves on as after one continuation."""
+    policy = fresh_policy(tiny_pipe)
+    prompts = ["a cat", "a dog"]
+    embeds = policy.encode_prompts(prompts)
+    generator = torch.Generator().manual_seed(0)
+    x = policy.initial_latents(2, generator)
+    reward, start = Colorfulness(), policy.num_steps - 3
+    same, again, moved = final_rewards_on_shared_noise(policy, reward, [x, x.clone(), x + 0.5], embeds, prompts,
+                                                       generator, start)
+    assert torch.equal(same, again) and not torch.allclose(same, moved)
+    after_three = generator.get_state()
+    generator = torch.Generator().manual_seed(0)
+    policy.initial_latents(2, generator)
+    (alone,) = final_rewards_on_shared_noise(policy, reward, [x], embeds, prompts, generator, start)
+    assert torch.equal(alone, same) and torch.equal(generator.get_state(), after_three)
 
 
 def test_order_disagreement_counts_only_ordered_pairs():
@@ -175,7 +197,8 @@ def test_all_pieces_end_to_end_on_the_tiny_model(tmp_path):
         assert math.isnan(float(r["disagreement"])) or 0 <= float(r["disagreement"]) <= 1
     guidance = rows("table1_guidance.csv")
     assert [r["step"] for r in guidance] == ["k=20", "k=16", "k=12", "k=8", "k=4", "all"]
-    assert guidance[-1]["samples"] == "5" and all(0 <= float(r["raised"]) <= 1 for r in guidance)
+    assert guidance[-1]["samples"] == "5"
+    assert all(0 <= float(r[c]) <= 1 for r in guidance for c in ("raised", "final_raised", "final_lowered"))
     table = {r["method"]: r for r in rows("table3_generalization.csv")}
     assert set(table) == {"base", "tailorpo", "d3po"} and table["d3po"]["seeds"] == "1"
     assert all(math.isfinite(float(r["mean"])) for r in table.values())
