@@ -11,6 +11,9 @@
   r_t(x^-) < r_t(x) (Eq. 14, fixed eta_t and delta).
 - Table 3, prompt generalization: each trained LoRA on held-out prompts, five images per prompt, the mean
   reward per method (mean and std across seeds) and its win rate over the base model on the same noise.
+- Beyond the paper, where a LoRA acts: each trained LoRA switched on only at the fine-tuned steps, only at
+  the other steps, or at all steps, every chain on the same noise, against the base model. A method trained
+  on 5 of 20 steps still changes the other 15.
 
 ``experiments/paper_claims.py`` is the command line. The math (disagreement, success rates, seed bands) is in
 the small pure functions at the top; everything else runs the package's pieces.
@@ -25,7 +28,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,7 +59,9 @@ FILES = {  # piece -> the files it writes into --out; summary.md embeds them in 
     "inconsistency": ("fig2_order_inconsistency.png", "fig2_order_inconsistency.csv", "fig2_order_inconsistency.md"),
     "guidance": ("table1_guidance.csv", "table1_guidance.md"),
     "generalization": ("table3_generalization.csv", "table3_generalization.md"),
+    "lora-steps": ("lora_steps.csv", "lora_steps.md"),
 }
+LORA_STEP_SETS = ("fine-tuned steps only", "other steps only", "all steps")
 
 
 # ---------------------------------------------------------------- the math: pure functions of tensors
@@ -615,6 +620,89 @@ def generalization_markdown(rows: list[GeneralizationRow]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- beyond the paper: where a LoRA acts
+
+
+@torch.no_grad()
+def final_rewards_with_lora_at(policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], active: set[int],
+                               seed: int, batch_size: int) -> torch.Tensor:
+    """Final-image rewards (N,) of plain DDIM chains whose UNet has its LoRA on only at step indices ``active``
+    (the base model elsewhere); batch j draws its noise from seed + j, so any two calls pair image by image."""
+    from tailorpo.models import reference_model
+
+    scores = []
+    for j, c in enumerate(chunks(len(prompts), batch_size)):
+        batch = prompts[c.start:c.stop]
+        embeds, generator = policy.encode_prompts(batch), torch.Generator().manual_seed(seed + j)
+        x = policy.initial_latents(len(batch), generator)
+        for i in range(policy.num_steps):
+            with nullcontext() if i in active else reference_model(policy.unet):
+                eps = policy.eps(x, i, embeds)
+            x = policy.step(i, eps, x, noise=policy.noise(x.shape, generator)).prev_sample
+        scores.append(reward.score(policy.decode(x), batch).scores.cpu())
+    return torch.cat(scores)
+
+
+@dataclass
+class LoraStepsRow:
+    method: str
+    reward: str
+    active: str  # one of LORA_STEP_SETS
+    images: int
+    seeds: int
+    gain: float  # mean over seeds of (mean LoRA reward - mean base reward)
+    gain_std: float  # across seeds
+    win_rate: float  # mean over seeds, paired with the base model's image
+
+
+def lora_steps(cfg: Config, runs: dict[tuple[str, int], Path], prompts: list[str],
+               images_per_prompt: int) -> list[LoraStepsRow]:
+    """Each run's LoRA at the fine-tuned steps only, the other steps only, and all steps, against the base
+    model on the same noise (the training prompts, ``images_per_prompt`` each)."""
+    from tailorpo.models import load_lora, read_lora
+    from tailorpo.trainer import build_policy, resolve_device
+
+    reward, batch = reward_model(cfg), [p for p in prompts for _ in range(images_per_prompt)]
+    policy = build_policy(cfg, resolve_device(cfg.device))
+    steps = set(range(policy.num_steps))
+    fine = {policy.num_steps - k for k in cfg.algorithm.fine_tuned_steps}
+    step_sets = dict(zip(LORA_STEP_SETS, (fine, steps - fine, steps), strict=True))
+    try:
+        def rewards(active: set[int]) -> torch.Tensor:
+            return final_rewards_with_lora_at(policy, reward, batch, active, cfg.eval.seed, cfg.eval.batch_size)
+
+        base = rewards(set())
+        results: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+        for (method, _), folder in runs.items():
+            load_lora(policy.unet, read_lora(folder / "lora"))
+            for name, active in step_sets.items():
+                results[method, name].append(rewards(active))
+    finally:
+        reward.close()
+    rows = []
+    for (method, name), per_seed in results.items():
+        gain_mean, gain_std = mean_std(torch.stack([s.mean() - base.mean() for s in per_seed]))
+        wins = torch.stack([win_rate(s, base) for s in per_seed]).mean()
+        rows.append(LoraStepsRow(method, reward.name, name, len(batch), len(per_seed), float(gain_mean),
+                                 float(gain_std), float(wins)))
+    return rows
+
+
+def lora_steps_markdown(rows: list[LoraStepsRow]) -> str:
+    first = rows[0]
+    lines = ["## Where the LoRA acts: fine-tuned steps, other steps, all steps", "",
+             f"Reward `{first.reward}` of final images, {first.images} images on the training prompts, every chain on "
+             "the same noise; the change against the base model (mean +- std across seeds) and the LoRA's win rate "
+             "over the base model's image.", "",
+             "| method | " + " | ".join(LORA_STEP_SETS) + " |", "|---|" + "---:|" * len(LORA_STEP_SETS)]
+    cell = {(r.method, r.active): r for r in rows}
+    for method in [m for m in METHODS if any(r.method == m for r in rows)]:
+        cells = [f"{c.gain:+.4f} ± {c.gain_std:.4f} ({c.win_rate:.0%})"
+                 for c in (cell[method, name] for name in LORA_STEP_SETS)]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- files
 
 
@@ -681,6 +769,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--held-out", default="eval",
                         help="Table 3 prompts: 'eval' (the config's eval prompts), 'shapes', or a prompt file")
     parser.add_argument("--images-per-prompt", type=int, default=5, help="Table 3: images per prompt (paper: 5)")
+    parser.add_argument("--lora-steps-images", type=int, default=2,
+                        help="lora-steps: images per training prompt, for each LoRA and each set of steps")
     parser.add_argument("--from", dest="sources", nargs="+", default=[], help="merge: output folders to combine")
     return parser.parse_args(argv)
 
@@ -693,7 +783,7 @@ def run_piece(piece: str, cfg: Config, args: argparse.Namespace, out: Path) -> f
     tick = time.perf_counter()
     samples = args.samples or cfg.train.total_samples
     every = args.eval_every_samples or max(1, samples // 8)
-    if piece in ("curves", "generalization"):
+    if piece in ("curves", "generalization", "lora-steps"):
         runs = train_runs(cfg, runnable_methods(cfg, args.methods), args.seeds, samples, every, out)
     written = FILES[piece]
     if piece == "curves":
@@ -715,6 +805,10 @@ def run_piece(piece: str, cfg: Config, args: argparse.Namespace, out: Path) -> f
         rows = guidance_success(cfg, args.noisy_samples, args.eta, args.delta)
         write_csv(out / FILES[piece][0], rows)
         text = guidance_markdown(rows)
+    elif piece == "lora-steps":
+        rows = lora_steps(cfg, runs, cfg.prompts, args.lora_steps_images)
+        write_csv(out / FILES[piece][0], rows)
+        text = lora_steps_markdown(rows)
     else:
         rows = generalization(cfg, runs, held_out_prompts(cfg, args.held_out), args.images_per_prompt)
         write_csv(out / FILES[piece][0], rows)

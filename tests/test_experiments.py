@@ -11,12 +11,14 @@ import torch
 
 from tailorpo.config import ConfigError, load_config
 from tailorpo.paper_claims import (
+    LORA_STEP_SETS,
     CurvePoint,
     GeneralizationRow,
     generalization_markdown,
     held_out_prompts,
     launched_rewards,
     final_rewards_on_shared_noise,
+    final_rewards_with_lora_at,
     main,
     order_disagreement,
     read_csv,
@@ -30,7 +32,9 @@ from tailorpo.paper_claims import (
 )
 from tailorpo.prompts import SHAPE_HELD_OUT
 from tailorpo.rewards.colorfulness import Colorfulness
-from tests.conftest import fresh_policy
+from tailorpo.models import reference_model
+from tailorpo.rewards.jpeg import JpegCompressibility
+from tests.conftest import fresh_policy, perturb_lora
 
 
 def test_continuations_on_shared_noise_differ_only_by_their_start(tiny_pipe):
@@ -50,6 +54,22 @@ def test_continuations_on_shared_noise_differ_only_by_their_start(tiny_pipe):
     policy.initial_latents(2, generator)
     (alone,) = final_rewards_on_shared_noise(policy, reward, [x], embeds, prompts, generator, start)
     assert torch.equal(alone, same) and torch.equal(generator.get_state(), after_three)
+
+
+def test_a_lora_switched_on_at_some_steps_is_the_base_model_elsewhere(tiny_pipe):
+    """No step: the base model's chains; every step: the LoRA's; some steps: neither. Same noise throughout."""
+    policy = fresh_policy(tiny_pipe)
+    perturb_lora(policy.unet, scale=0.5)
+    prompts, reward = ["a cat", "a dog", "a fox"], JpegCompressibility()
+
+    def final(active):
+        return final_rewards_with_lora_at(policy, reward, prompts, active, seed=3, batch_size=2)
+
+    everywhere, nowhere, some = final(set(range(policy.num_steps))), final(set()), final({0, 4, 8})
+    with reference_model(policy.unet):
+        assert torch.equal(final(set(range(policy.num_steps))), nowhere)
+    assert not torch.equal(everywhere, nowhere)
+    assert not torch.equal(some, nowhere) and not torch.equal(some, everywhere)
 
 
 def test_order_disagreement_counts_only_ordered_pairs():
@@ -181,9 +201,10 @@ def test_all_pieces_end_to_end_on_the_tiny_model(tmp_path):
     assert main(["all", "--config", "launch/tiny.yaml", "--set", "reward.name=colorfulness",
                  "--set", "eval.images_per_prompt=1", "--out", str(tmp_path), "--seeds", "0", "--samples", "8",
                  "--eval-every-samples", "4", "--methods", "tailorpo", "d3po", "--pairs", "4", "--continuations",
-                 "2", "--branch-pairs", "2", "--noisy-samples", "5", "--images-per-prompt", "1"]) == 0
+                 "2", "--branch-pairs", "2", "--noisy-samples", "5", "--images-per-prompt", "1",
+                 "--lora-steps-images", "1"]) == 0
     for name in ("fig4_reward_curves.png", "fig2_order_inconsistency.png", "table1_guidance.md",
-                 "table3_generalization.md", "summary.md", "timings.json"):
+                 "table3_generalization.md", "lora_steps.md", "summary.md", "timings.json"):
         assert (tmp_path / name).stat().st_size > 0, name
 
     def rows(name):
@@ -198,6 +219,9 @@ def test_all_pieces_end_to_end_on_the_tiny_model(tmp_path):
     guidance = rows("table1_guidance.csv")
     assert [r["step"] for r in guidance] == ["k=20", "k=16", "k=12", "k=8", "k=4", "all"]
     assert guidance[-1]["samples"] == "5"
+    steps = rows("lora_steps.csv")
+    assert {(r["method"], r["active"]) for r in steps} == {(m, a) for m in ("tailorpo", "d3po") for a in LORA_STEP_SETS}
+    assert all(0 <= float(r["win_rate"]) <= 1 and math.isfinite(float(r["gain"])) for r in steps)
     assert all(0 <= float(r[c]) <= 1 for r in guidance for c in ("raised", "final_raised", "final_lowered"))
     table = {r["method"]: r for r in rows("table3_generalization.csv")}
     assert set(table) == {"base", "tailorpo", "d3po"} and table["d3po"]["seeds"] == "1"
