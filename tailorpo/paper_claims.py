@@ -294,10 +294,15 @@ def step_rewards(policy: DiffusionPolicy, reward: RewardModel, step_index: int, 
 
 @torch.no_grad()
 def denoise(policy: DiffusionPolicy, x: torch.Tensor, embeds: PromptEmbeds, generator: torch.Generator, start: int,
-            stop: int | None = None) -> torch.Tensor:
-    """Run the DDIM chain from x (the input of step index ``start``) up to step index ``stop`` (default: x_0)."""
+            stop: int | None = None, lora_at: set[int] | None = None) -> torch.Tensor:
+    """Run the DDIM chain from x (the input of step index ``start``) up to step index ``stop`` (default: x_0);
+    with ``lora_at``, the UNet's LoRA is on only at those step indices (the base model at the others)."""
+    from tailorpo.models import reference_model
+
     for i in range(start, policy.num_steps if stop is None else stop):
-        x = policy.step(i, policy.eps(x, i, embeds), x, noise=policy.noise(x.shape, generator)).prev_sample
+        with nullcontext() if lora_at is None or i in lora_at else reference_model(policy.unet):
+            eps = policy.eps(x, i, embeds)
+        x = policy.step(i, eps, x, noise=policy.noise(x.shape, generator)).prev_sample
     return x
 
 
@@ -628,17 +633,11 @@ def final_rewards_with_lora_at(policy: DiffusionPolicy, reward: RewardModel, pro
                                seed: int, batch_size: int) -> torch.Tensor:
     """Final-image rewards (N,) of plain DDIM chains whose UNet has its LoRA on only at step indices ``active``
     (the base model elsewhere); batch j draws its noise from seed + j, so any two calls pair image by image."""
-    from tailorpo.models import reference_model
-
     scores = []
     for j, c in enumerate(chunks(len(prompts), batch_size)):
         batch = prompts[c.start:c.stop]
         embeds, generator = policy.encode_prompts(batch), torch.Generator().manual_seed(seed + j)
-        x = policy.initial_latents(len(batch), generator)
-        for i in range(policy.num_steps):
-            with nullcontext() if i in active else reference_model(policy.unet):
-                eps = policy.eps(x, i, embeds)
-            x = policy.step(i, eps, x, noise=policy.noise(x.shape, generator)).prev_sample
+        x = denoise(policy, policy.initial_latents(len(batch), generator), embeds, generator, 0, lora_at=active)
         scores.append(reward.score(policy.decode(x), batch).scores.cpu())
     return torch.cat(scores)
 
@@ -667,10 +666,11 @@ def lora_steps(cfg: Config, runs: dict[tuple[str, int], Path], prompts: list[str
     steps = set(range(policy.num_steps))
     fine = {policy.num_steps - k for k in cfg.algorithm.fine_tuned_steps}
     step_sets = dict(zip(LORA_STEP_SETS, (fine, steps - fine, steps), strict=True))
-    try:
-        def rewards(active: set[int]) -> torch.Tensor:
-            return final_rewards_with_lora_at(policy, reward, batch, active, cfg.eval.seed, cfg.eval.batch_size)
 
+    def rewards(active: set[int]) -> torch.Tensor:
+        return final_rewards_with_lora_at(policy, reward, batch, active, cfg.eval.seed, cfg.eval.batch_size)
+
+    try:
         base = rewards(set())
         results: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
         for (method, _), folder in runs.items():
