@@ -43,8 +43,8 @@ import torch
 from figures import Figure, add_figures_argument, text_table, write_figures
 
 from tailorpo.config import Config, ConfigError, load_config
-from tailorpo.learner import Learner
-from tailorpo.trainer import build_policy, build_reward_model, collect_rollout, resolve_device, seed_everything
+from tailorpo.algorithms.learner import Learner
+from tailorpo.training.loop import build_policy, build_reward_model, collect_rollout, resolve_device, seed_everything
 
 ALGORITHMS = ("tailorpo", "d3po")
 MiB = 2**20

@@ -55,12 +55,12 @@ from figures import Figure, add_figures_argument, text_table, write_figures
 from iteration_cost import _peak_rss_bytes, _reset_peak_rss, _rss_bytes  # one RSS probe for every benchmark
 
 from tailorpo.config import Config, ConfigError, load_config
-from tailorpo.objectives import diff_contrast_weights
-from tailorpo.pair_data import PairBatch, PairDataset, collate_pairs, read_pairs, write_pairs
-from tailorpo.pair_embeddings import ClipPairEmbedder
-from tailorpo.pair_learner import PairLearner
-from tailorpo.policy import DiffusionPolicy
-from tailorpo.trainer import build_policy, resolve_device, seed_everything
+from tailorpo.core.objectives import diff_contrast_weights
+from tailorpo.pairs.data import PairBatch, PairDataset, collate_pairs, read_pairs, write_pairs
+from tailorpo.pairs.embeddings import ClipPairEmbedder
+from tailorpo.algorithms.pair_learner import PairLearner
+from tailorpo.diffusion.policy import DiffusionPolicy
+from tailorpo.training.loop import build_policy, resolve_device, seed_everything
 
 MiB = 2**20
 T = TypeVar("T")
@@ -148,8 +148,8 @@ def write_tiny_clip(folder: Path) -> None:
     """A random-weight CLIPModel of the reward servers' tiny configuration, with CLIP's tokenizer files."""
     from transformers import CLIPModel
 
-    from reward_servers.clip import tiny_clip_config
-    from tailorpo.models import write_clip_tokenizer_files
+    from tailorpo.rewards.clip import tiny_clip_config
+    from tailorpo.tiny.tokenizer import write_clip_tokenizer_files
 
     torch.manual_seed(0)
     CLIPModel(tiny_clip_config(32)).save_pretrained(folder)

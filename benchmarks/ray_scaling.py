@@ -30,10 +30,10 @@ from figures import Figure, add_figures_argument, write_figures
 
 from tailorpo.config import Config, load_config
 from tailorpo.rewards.grpc_client import GrpcReward
-from tailorpo.run_log import RunSummary
+from tailorpo.training.run_log import RunSummary
 from tailorpo.runtime.driver import train_on_ray
 from tailorpo.runtime.reward_actors import RewardServerOwner
-from tailorpo.trainer import build_policy, collect_rollout, resolve_device, rollout_generator, seed_everything
+from tailorpo.training.loop import build_policy, collect_rollout, resolve_device, rollout_generator, seed_everything
 
 
 def ray_run(config: str, overrides: list[str], samplers: int, iterations: int, pipeline: bool) -> RunSummary:

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from reward_servers.checkpoints import load_checked, read_checkpoint, resolve_file, seeded
-from reward_servers.clip import clip_features, load_hf_clip, tiny_clip_config
+from tailorpo.rewards.weights import load_checked, read_checkpoint, resolve_file, seeded
+from tailorpo.rewards.clip import clip_features, load_hf_clip, tiny_clip_config
 from reward_servers.heads import ScoreHead
-from reward_servers.preprocess import clip_preprocess
+from tailorpo.rewards.preprocess import clip_preprocess
 from tailorpo.rewards.base import TorchReward
 
 CLIP_ID = "openai/clip-vit-large-patch14"

@@ -22,8 +22,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from reward_servers.checkpoints import check_state_dict, read_checkpoint, resolve_file, seeded
-from reward_servers.preprocess import normalize
+from tailorpo.rewards.weights import check_state_dict, read_checkpoint, resolve_file, seeded
+from tailorpo.rewards.preprocess import normalize
 from tailorpo.rewards.base import TorchReward
 
 HUB_REPO = "xswu/HPSv2"

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-from reward_servers.checkpoints import load_checked, read_checkpoint, resolve_file, seeded
+from tailorpo.rewards.weights import load_checked, read_checkpoint, resolve_file, seeded
 from reward_servers.heads import ScoreHead
-from reward_servers.preprocess import clip_preprocess
+from tailorpo.rewards.preprocess import clip_preprocess
 from tailorpo.rewards.base import TorchReward
 
 SCORE_MEAN = 0.16717362830052426

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
-from reward_servers.checkpoints import resolve_file, seeded
-from reward_servers.clip import clip_features, load_hf_clip, tiny_clip_config, tiny_clip_tokenizer
-from reward_servers.preprocess import clip_preprocess
+from tailorpo.rewards.weights import resolve_file, seeded
+from tailorpo.rewards.clip import clip_features, load_hf_clip, tiny_clip_config, tiny_clip_tokenizer
+from tailorpo.rewards.preprocess import clip_preprocess
 from tailorpo.rewards.base import TorchReward
 
 DEFAULT_WEIGHTS = "yuvalkirstain/PickScore_v1"

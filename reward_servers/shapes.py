@@ -1,5 +1,5 @@
 """The tiny-shapes prompt-match reward: how well an image shows its caption ("a red circle on the left"), by a
-small CNN trained on ``tailorpo.shapes``' images by the same script as the tiny-shapes model
+small CNN trained on ``tailorpo.tiny.shapes``' images by the same script as the tiny-shapes model
 (``tailorpo train-tiny-shapes``, ``tailorpo/tiny_shapes.py``).
 
 score = log p(color | image) + log p(shape | image) + log p(position | image) for the prompt's three
@@ -13,45 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reward_servers.checkpoints import load_checked, read_checkpoint, resolve_file, seeded
+from tailorpo.rewards.weights import load_checked, read_checkpoint, resolve_file, seeded
 from tailorpo.prompts import SHAPE_COLORS, SHAPE_KINDS, SHAPE_POSITIONS
 from tailorpo.rewards.base import RewardInputError, TorchReward
 from tailorpo.rewards.images import resize_and_center_crop
-from tailorpo.shapes import IMAGE_SIZE, SHAPES_MODEL_DIR, scenes_of
+from tailorpo.tiny.shapes import IMAGE_SIZE, SHAPES_MODEL_DIR, scenes_of
+from tailorpo.tiny.shape_classifier import ShapeClassifier, attribute_log_probs
 
 DEFAULT_WEIGHTS = str(SHAPES_MODEL_DIR)
 WEIGHT_FILES = ("classifier/model.safetensors", "model.safetensors")  # in a tiny-shapes folder, or alone
-HEADS = (len(SHAPE_COLORS), len(SHAPE_KINDS), len(SHAPE_POSITIONS))
-
-
-class ShapeClassifier(nn.Module):
-    """32x32 image in [0, 1] -> logits of color, shape and position (N, 6 + 3 + 5). Strided convolutions and
-    SiLU rather than max-pooling and ReLU, so d score / d pixels is smooth enough to guide by."""
-
-    def __init__(self, width: int = 32):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),  # 16x16
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),  # 8x8
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),  # 4x4
-            nn.Flatten(),
-            nn.Linear(2 * width * 16, 4 * width), nn.SiLU(),
-            nn.Linear(4 * width, sum(HEADS)),
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features(images * 2 - 1)
-
-
-def attribute_log_probs(logits: torch.Tensor, scenes: torch.Tensor) -> torch.Tensor:
-    """(N, 6 + 3 + 5) logits, (N, 3) scenes -> (N, 3) log p of each scene attribute under its own softmax."""
-    heads = logits.split(HEADS, dim=1)
-    return torch.stack(
-        [F.log_softmax(head, dim=1).gather(1, scenes[:, i : i + 1])[:, 0] for i, head in enumerate(heads)], dim=1
-    )
-
-
 class ShapeMatchReward(TorchReward):
     name = "shapes"
     image_size = IMAGE_SIZE
@@ -81,7 +51,7 @@ def load_classifier(weights: str) -> ShapeClassifier:
 
 def load(weights: str | None, tiny: bool, device: str = "cpu") -> ShapeMatchReward:
     """``tiny``: seeded random weights (``weights`` ignored). Otherwise ``weights`` (default: the classifier
-    shipped with the tiny-shapes model in ``tailorpo/assets/tiny-shapes``)."""
+    shipped with the tiny-shapes model in ``tailorpo/tiny/assets/tiny-shapes``)."""
     if tiny:
         return ShapeMatchReward(seeded(ShapeClassifier), "tiny", device)
     source = weights or DEFAULT_WEIGHTS

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny_p.add_argument("--sdxl", action="store_true", help="SDXL-shaped: two text encoders, pooled and size ids")
     shapes_p = sub.add_parser("train-tiny-shapes", help="train the tiny-shapes model and its classifier reward on "
                               "synthetic shapes (CPU, about 15 min) and write them to DIR")
-    shapes_p.add_argument("dir", help="e.g. tailorpo/assets/tiny-shapes to regenerate the shipped model")
+    shapes_p.add_argument("dir", help="e.g. tailorpo/tiny/assets/tiny-shapes to regenerate the shipped model")
     shapes_p.add_argument("--seed", type=int, default=0)
     serve_p = sub.add_parser("serve-reward", help="serve a reward model over gRPC")
     serve_p.add_argument("name", help="aesthetic, imagereward, pickscore, hpsv2, shapes, jpeg or colorfulness")
@@ -80,22 +80,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors in what the user gave (data, LoRA, reward servers): one line and exit code 2, no traceback."""
-    from tailorpo.models import LoraLoadError
-    from tailorpo.pair_data import PairDataError
+    from tailorpo.diffusion.lora import LoraLoadError
+    from tailorpo.pairs.data import PairDataError
     from tailorpo.rewards.grpc_client import RewardServerError
 
     return LoraLoadError, PairDataError, RewardServerError
 
 
 def make_tiny_model(args: argparse.Namespace) -> int:
-    from tailorpo.models import make_tiny_model as make
+    from tailorpo.tiny.models import make_tiny_model as make
 
     print(f"wrote {make(args.dir, args.seed, sdxl=args.sdxl)}")
     return 0
 
 
 def train_tiny_shapes(args: argparse.Namespace) -> int:
-    from tailorpo.tiny_shapes import train_tiny_shapes as train_shapes
+    from tailorpo.tiny.shapes_training import train_tiny_shapes as train_shapes
 
     train_shapes(args.dir, args.seed)
     return 0
@@ -104,10 +104,10 @@ def train_tiny_shapes(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from tailorpo.rewards import RewardInputError
-    from tailorpo.trainer import train as run  # heavy imports only once the config is known to be good
+    from tailorpo.training.loop import train as run  # heavy imports only once the config is known to be good
 
     if cfg.algorithm.name in PAIR_ALGORITHMS and cfg.pairs.source:
-        from tailorpo.pair_trainer import train_pairs as run
+        from tailorpo.training.pair_loop import train_pairs as run
     elif cfg.runtime.samplers:
         from tailorpo.runtime.driver import train_on_ray as run
     try:
@@ -125,7 +125,7 @@ def build_style_pairs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     cfg = load_config(args.config, args.overrides)
-    from tailorpo.pair_builders import RECIPES, build_style_pairs as build  # heavy: only with a good config
+    from tailorpo.training.pair_builders import RECIPES, build_style_pairs as build  # heavy: only with a good config
 
     preferred, dispreferred = RECIPES[args.recipe]
     preferred = preferred if args.preferred_prefix is None else args.preferred_prefix
@@ -147,7 +147,7 @@ def build_style_pairs(args: argparse.Namespace) -> int:
 
 def sample_pairs(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from tailorpo.pair_builders import build_reward_pairs
+    from tailorpo.training.pair_builders import build_reward_pairs
 
     try:
         written, ties = build_reward_pairs(cfg, args.out, args.count)
@@ -199,7 +199,7 @@ def evaluate_lora(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     out = Path(args.out or Path(cfg.output_dir) / "eval_report")
-    from tailorpo.evaluation import REPORT_FILES, markdown_table, run_eval  # heavy: only with a good config
+    from tailorpo.training.evaluation import REPORT_FILES, markdown_table, run_eval  # heavy: only with a good config
 
     rows = run_eval(cfg, lora, out)
     print(f"{markdown_table(rows)}\nwrote {', '.join(REPORT_FILES)} to {out}")

@@ -45,10 +45,10 @@ from tailorpo.config import (
     parse_override,
     set_dotted,
 )
-from tailorpo.evaluation import mean_std, win_rate
+from tailorpo.training.evaluation import mean_std, win_rate
 
 if TYPE_CHECKING:
-    from tailorpo.policy import DiffusionPolicy, PromptEmbeds
+    from tailorpo.diffusion.policy import DiffusionPolicy, PromptEmbeds
     from tailorpo.rewards import RewardModel
 
 METHODS = ("ddpo", "d3po", "tailorpo", "tailorpo_g")  # Table 3's row order after the base model
@@ -118,7 +118,7 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 def reward_model(cfg: Config) -> RewardModel:
     """The config's reward (in process or a client of its servers) for measuring, whatever algorithm the config
     names: ``build_reward_model`` refuses TailorPO-G with a non-differentiable reward, which is for training."""
-    from tailorpo.trainer import build_reward_model
+    from tailorpo.training.loop import build_reward_model
 
     return build_reward_model(with_overrides(cfg, ["algorithm.name=tailorpo"]))
 
@@ -189,7 +189,7 @@ def train_runs(cfg: Config, methods: list[str], seeds: list[int], samples: int, 
                out: Path) -> dict[tuple[str, int], Path]:
     """Train each (method, seed), skipping runs already finished with the same config (so the pieces can be
     run one by one); a run left by another config is replaced."""
-    from tailorpo.trainer import train
+    from tailorpo.training.loop import train
 
     runs = {}
     for method in methods:
@@ -297,7 +297,7 @@ def denoise(policy: DiffusionPolicy, x: torch.Tensor, embeds: PromptEmbeds, gene
             stop: int | None = None, lora_at: set[int] | None = None) -> torch.Tensor:
     """Run the DDIM chain from x (the input of step index ``start``) up to step index ``stop`` (default: x_0);
     with ``lora_at``, the UNet's LoRA is on only at those step indices (the base model at the others)."""
-    from tailorpo.models import reference_model
+    from tailorpo.diffusion.lora import reference_model
 
     for i in range(start, policy.num_steps if stop is None else stop):
         with nullcontext() if lora_at is None or i in lora_at else reference_model(policy.unet):
@@ -319,7 +319,7 @@ def trajectory_pair_rewards(policy: DiffusionPolicy, reward: RewardModel, prompt
                             generator: torch.Generator, fine_tuned_steps: list[int]) -> tuple[torch.Tensor, ...]:
     """Two independent chains per prompt: the step-wise rewards of each at the fine-tuned steps (k descending),
     (S, B) twice, and their final rewards, (B,) twice."""
-    from tailorpo.rollouts import trajectory_rollout
+    from tailorpo.algorithms.rollouts import trajectory_rollout
 
     batch = prompts * 2
     embeds = policy.encode_prompts(batch)
@@ -335,7 +335,7 @@ def branch_pair_rewards(policy: DiffusionPolicy, reward: RewardModel, prompts: l
                         k: int, continuations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two children of ONE x_k per prompt (TailorPO's branches): their step-wise rewards (2, B) and the final
     rewards of ``continuations`` independent chains from each child (K, 2, B)."""
-    from tailorpo.branching import sample_children
+    from tailorpo.algorithms.branching import sample_children
 
     i, batch = policy.num_steps - k, len(prompts)
     embeds = policy.encode_prompts(prompts)
@@ -366,8 +366,8 @@ COMPARISONS = {
 
 def order_inconsistency(cfg: Config, pairs: int, continuations: int, branch_pairs: int) -> list[InconsistencyRow]:
     """Fig. 2 on the base model (see the module docstring); ``continuations`` < 2 skips the branch part."""
-    from tailorpo.models import reference_model
-    from tailorpo.trainer import build_policy, resolve_device
+    from tailorpo.diffusion.lora import reference_model
+    from tailorpo.training.loop import build_policy, resolve_device
 
     reward = reward_model(cfg)
     policy = build_policy(cfg, resolve_device(cfg.device))
@@ -466,11 +466,11 @@ def guidance_success(cfg: Config, noisy_samples: int, eta: float, delta: float) 
     the reward), batched as training batches them (``sampling.batch_size``). Beyond the paper: x, x^+ and x^-
     are each denoised to an image on the same noise, so the final rewards show whether raising r(x0_hat)
     raises the reward of the image the chain ends in."""
-    from tailorpo.branching import step_reward_fn
-    from tailorpo.guidance import guide
-    from tailorpo.models import reference_model
-    from tailorpo.rollouts import trajectory_rollout
-    from tailorpo.trainer import build_policy, resolve_device
+    from tailorpo.algorithms.branching import step_reward_fn
+    from tailorpo.core.guidance import guide
+    from tailorpo.diffusion.lora import reference_model
+    from tailorpo.algorithms.rollouts import trajectory_rollout
+    from tailorpo.training.loop import build_policy, resolve_device
 
     reward = reward_model(cfg)
     policy = build_policy(cfg, resolve_device(cfg.device))
@@ -574,8 +574,8 @@ def generalization(cfg: Config, runs: dict[tuple[str, int], Path], prompts: list
                    images_per_prompt: int) -> list[GeneralizationRow]:
     """Every run's LoRA and the base model on ``prompts`` with the same noise per (prompt, image): the base
     model once, each LoRA loaded into the same pipeline in turn (``trainer.evaluate``, as ``tailorpo eval``)."""
-    from tailorpo.models import load_lora, read_lora, reference_model
-    from tailorpo.trainer import build_policy, evaluate, resolve_device
+    from tailorpo.diffusion.lora import load_lora, read_lora, reference_model
+    from tailorpo.training.loop import build_policy, evaluate, resolve_device
 
     settings = EvalConfig(**(cfg.eval.model_dump() | {"prompts": prompts, "images_per_prompt": images_per_prompt,
                                                       "every": 0}))
@@ -658,8 +658,8 @@ def lora_steps(cfg: Config, runs: dict[tuple[str, int], Path], prompts: list[str
                images_per_prompt: int) -> list[LoraStepsRow]:
     """Each run's LoRA at the fine-tuned steps only, the other steps only, and all steps, against the base
     model on the same noise (the training prompts, ``images_per_prompt`` each)."""
-    from tailorpo.models import load_lora, read_lora
-    from tailorpo.trainer import build_policy, resolve_device
+    from tailorpo.diffusion.lora import load_lora, read_lora
+    from tailorpo.training.loop import build_policy, resolve_device
 
     reward, batch = reward_model(cfg), [p for p in prompts for _ in range(images_per_prompt)]
     policy = build_policy(cfg, resolve_device(cfg.device))
@@ -778,7 +778,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_piece(piece: str, cfg: Config, args: argparse.Namespace, out: Path) -> float:
     """Run one piece and write its files into ``out`` (a skipped piece: only its markdown, saying why);
     returns its seconds."""
-    from tailorpo.trainer import resolve_device
+    from tailorpo.training.loop import resolve_device
 
     tick = time.perf_counter()
     samples = args.samples or cfg.train.total_samples

@@ -9,12 +9,13 @@ import torch
 
 os.environ.setdefault("TAILORPO_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
 
-from tailorpo.models import add_lora, load_pipeline  # noqa: E402
+from tailorpo.diffusion.lora import add_lora  # noqa: E402
+from tailorpo.diffusion.pipeline import load_pipeline
 
 # One intra-op thread: the tiny models' kernels are too small to gain from more, and on a busy 2-core machine an
 # oversubscribed OpenMP pool made single tests 20-50x slower. Ray actors with one CPU run one thread too.
 torch.set_num_threads(1)
-from tailorpo.policy import DiffusionPolicy  # noqa: E402
+from tailorpo.diffusion.policy import DiffusionPolicy  # noqa: E402
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_out"]
 

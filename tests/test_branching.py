@@ -1,9 +1,10 @@
 import torch
 
-from tailorpo.branching import sample_children, tailorpo_rollout
-from tailorpo.guidance import cosine_eta_schedule
+from tailorpo.algorithms.branching import sample_children, tailorpo_rollout
+from tailorpo.core.guidance import cosine_eta_schedule
 from tailorpo.rewards import build_reward
-from tailorpo.rollouts import d3po_rollout, ddpo_rollout, order_by_winner, select_winner
+from tailorpo.algorithms.rollouts import d3po_rollout, ddpo_rollout
+from tailorpo.core.ranking import order_by_winner, select_winner
 
 PROMPTS = ["a cat", "a red car", "a bird"]
 

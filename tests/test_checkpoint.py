@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tailorpo.checkpoint import latest_checkpoint
+from tailorpo.training.checkpoint import latest_checkpoint
 from tailorpo.config import ConfigError, load_config
-from tailorpo.trainer import train
+from tailorpo.training.loop import train
 
 pytestmark = pytest.mark.slow
 RUN = ["train.checkpoint_every=1", "eval.images_per_prompt=1", "algorithm.fine_tuned_steps=[20, 10]"]
@@ -44,7 +44,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_usable(tmp_path, monkeypa
     out = tmp_path / "run"
     train(cfg(out, 4), progress=False)
     before = latest_checkpoint(out)
-    import tailorpo.checkpoint as checkpoint
+    import tailorpo.training.checkpoint as checkpoint
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")

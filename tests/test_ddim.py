@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from tailorpo.ddim import ddim_sigma, ddim_step, gaussian_log_prob, predict_x0, step_alphas
+from tailorpo.core.ddim import ddim_sigma, ddim_step, gaussian_log_prob, predict_x0, step_alphas
 
 
 @pytest.fixture

@@ -13,21 +13,17 @@ from safetensors.torch import load_file, save_file
 
 from tailorpo.cli import main
 from tailorpo.config import load_config
-from tailorpo.evaluation import (
-    lora_settings,
-    markdown_table,
-    mean_std,
-    result_rows,
-    win_rate,
-)
-from tailorpo.models import LORA_FILE, add_lora, load_lora, load_pipeline, lora_mismatches, read_lora, save_lora
+from tailorpo.training.evaluation import lora_settings, markdown_table, mean_std, result_rows, win_rate
+from tailorpo.diffusion.lora import LORA_FILE, add_lora, load_lora, lora_mismatches, read_lora, save_lora
+from tailorpo.diffusion.pipeline import load_pipeline
 from tailorpo.rewards import build_reward
 from tailorpo.rewards.grpc_client import WeightedSum
-from tailorpo import run_log, trainer
+from tailorpo.training import loop as trainer
+from tailorpo.training import run_log
 from tailorpo.config import EvalConfig
 from tailorpo.rewards.jpeg import JpegCompressibility
-from tailorpo.run_log import GRID_TILE, comparison_grid, grid_thumbnails
-from tailorpo.trainer import score_each
+from tailorpo.training.run_log import GRID_TILE, comparison_grid, grid_thumbnails
+from tailorpo.training.loop import score_each
 from tests.conftest import fresh_policy, perturb_lora
 from tests.test_reward_server import in_process_server
 

@@ -32,7 +32,7 @@ from tailorpo.paper_claims import (
 )
 from tailorpo.prompts import SHAPE_HELD_OUT
 from tailorpo.rewards.colorfulness import Colorfulness
-from tailorpo.models import reference_model
+from tailorpo.diffusion.lora import reference_model
 from tailorpo.rewards.jpeg import JpegCompressibility
 from tests.conftest import fresh_policy, perturb_lora
 
@@ -131,7 +131,7 @@ def test_finished_runs_are_reused_whatever_port_their_reward_server_had():
 
 def test_launched_reward_servers_run_as_local_processes_for_the_experiments():
     """A Ray-style config (reward.launch) works in one process: its servers start here and stop after."""
-    from tailorpo.trainer import build_reward_model
+    from tailorpo.training.loop import build_reward_model
 
     cfg = load_config("launch/tiny.yaml", ["runtime.samplers=1", "reward.launch=[{name: jpeg}]"])
     with launched_rewards(cfg) as local:

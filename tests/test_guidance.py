@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from tailorpo.branching import step_reward_fn
-from tailorpo.guidance import cosine_eta_schedule, guidance_gradient, guide
+from tailorpo.algorithms.branching import step_reward_fn
+from tailorpo.core.guidance import cosine_eta_schedule, guidance_gradient, guide
 from tailorpo.rewards import build_reward
-from tailorpo.rollouts import trajectory_rollout
+from tailorpo.algorithms.rollouts import trajectory_rollout
 
 
 def test_cosine_eta_schedule_is_larger_for_smaller_t():

@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from tailorpo.branching import tailorpo_rollout
+from tailorpo.algorithms.branching import tailorpo_rollout
 from tailorpo.config import AlgorithmConfig, OptimConfig
-from tailorpo.ddim import gaussian_log_prob
-from tailorpo.learner import Learner
-from tailorpo.models import reference_model
-from tailorpo.objectives import dpo_logits
+from tailorpo.core.ddim import gaussian_log_prob
+from tailorpo.algorithms.learner import Learner
+from tailorpo.diffusion.lora import reference_model
+from tailorpo.core.objectives import dpo_logits
 from tailorpo.rewards import build_reward
-from tailorpo.rollouts import d3po_rollout, ddpo_rollout, select_rows
+from tailorpo.algorithms.rollouts import d3po_rollout, ddpo_rollout, select_rows
 from tests.conftest import perturb_lora
 
 PROMPTS = ["a cat", "a dog"]
@@ -127,8 +127,9 @@ def test_ddpo_refuses_steps_without_advantages(policy):
 
 
 def test_bf16_base_weights_with_fp32_lora_train():
-    from tailorpo.models import add_lora, load_pipeline, lora_parameters
-    from tailorpo.policy import DiffusionPolicy
+    from tailorpo.diffusion.lora import add_lora, lora_parameters
+    from tailorpo.diffusion.pipeline import load_pipeline
+    from tailorpo.diffusion.policy import DiffusionPolicy
 
     pipe = load_pipeline("tiny-sd", dtype=torch.bfloat16)
     add_lora(pipe.unet, rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])

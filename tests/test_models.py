@@ -5,7 +5,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from tailorpo.models import load_pipeline, make_tiny_model, reference_model, save_lora
+from tailorpo.diffusion.pipeline import load_pipeline
+from tailorpo.tiny.models import make_tiny_model
+from tailorpo.diffusion.lora import reference_model, save_lora
 from tests.conftest import perturb_lora
 
 

@@ -4,8 +4,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tailorpo.ddim import gaussian_log_prob
-from tailorpo.objectives import (
+from tailorpo.core.ddim import gaussian_log_prob
+from tailorpo.core.objectives import (
     PerPromptStatTracker,
     clip_joint_embedding,
     ddpo_loss,

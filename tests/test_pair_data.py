@@ -11,15 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tailorpo import pair_data
-from tailorpo.pair_data import (
-    PairDataError,
-    PairDataset,
-    collate_pairs,
-    export_pairs,
-    image_to_tensor,
-    read_pairs,
-)
+from tailorpo.pairs import data as pair_data
+from tailorpo.pairs.data import PairDataError, PairDataset, collate_pairs, export_pairs, image_to_tensor, read_pairs
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 CYAN, MAGENTA, WHITE, BLACK = (0, 255, 255), (255, 0, 255), (255, 255, 255), (0, 0, 0)
@@ -89,7 +82,7 @@ def summary(reader):
 
 def test_parquet_winner_follows_label_0_ties_and_bad_rows_counted(pickapic_file, caplog):
     reader = read_pairs(pickapic_file)
-    with caplog.at_level(logging.WARNING, logger="tailorpo.pair_data"):
+    with caplog.at_level(logging.WARNING, logger="tailorpo.pairs.data"):
         records, counts, bad = summary(reader)
     assert records == EXPECTED
     assert counts == (7, 3, 1, 3)
@@ -337,7 +330,7 @@ def test_corrupt_row_logging_is_capped(tmp_path, caplog, monkeypatch):
     path = tmp_path / "bad.parquet"
     write_pickapic(path, [("x", b"junk", b"junk", 1.0)] * 5)
     reader = read_pairs(path)
-    with caplog.at_level(logging.WARNING, logger="tailorpo.pair_data"):
+    with caplog.at_level(logging.WARNING, logger="tailorpo.pairs.data"):
         assert list(reader) == []
     skipped = [r for r in caplog.records if r.getMessage().startswith("skipping")]
     assert [r.getMessage().split(" (row")[0] for r in skipped] == [f"skipping bad.parquet row {i}" for i in (0, 1)]

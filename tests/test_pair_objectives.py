@@ -16,17 +16,17 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import CLIPModel, CLIPTokenizer
 
-from reward_servers.clip import tiny_clip_config
-from tailorpo import pair_learner as pair_learner_module
+from tailorpo.rewards.clip import tiny_clip_config
+from tailorpo.algorithms import pair_learner as pair_learner_module
 from tailorpo.cli import main
 from tailorpo.config import ConfigError, OptimConfig, PairsConfig, load_config
-from tailorpo.models import write_clip_tokenizer_files
-from tailorpo.pair_data import PairDataError, PairDataset, collate_pairs, export_pairs, read_pairs, write_pairs
-from tailorpo.pair_embeddings import ClipPairEmbedder, EmbeddingCache
-from tailorpo.pair_learner import PairLearner
-from tailorpo.pair_trainer import pair_batches, train_pairs
+from tailorpo.tiny.tokenizer import write_clip_tokenizer_files
+from tailorpo.pairs.data import PairDataError, PairDataset, collate_pairs, export_pairs, read_pairs, write_pairs
+from tailorpo.pairs.embeddings import ClipPairEmbedder, EmbeddingCache
+from tailorpo.algorithms.pair_learner import PairLearner
+from tailorpo.training.pair_loop import pair_batches, train_pairs
 from tailorpo.rewards import TorchReward
-from tailorpo.rollouts import final_image_pair_rollout
+from tailorpo.algorithms.rollouts import final_image_pair_rollout
 from tests.conftest import fresh_policy, lora_pipeline, perturb_lora
 
 RESOLUTION = 64

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reward_servers.checkpoints import check_state_dict
+from tailorpo.rewards.weights import check_state_dict
 from reward_servers.imagereward import (
     SCORE_MEAN,
     SCORE_STD,
@@ -19,7 +19,7 @@ from reward_servers.imagereward import (
     convert_imagereward_state_dict,
     load,
 )
-from reward_servers.preprocess import clip_preprocess
+from tailorpo.rewards.preprocess import clip_preprocess
 
 PROMPTS = ["a photo of a cat", "a dog riding a horse"]
 

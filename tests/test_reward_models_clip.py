@@ -14,8 +14,8 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
 from reward_servers import aesthetic, hpsv2, pickscore
-from reward_servers.clip import checked_clip_state_dict, load_hf_clip
-from reward_servers.preprocess import clip_preprocess, normalize
+from tailorpo.rewards.clip import checked_clip_state_dict, load_hf_clip
+from tailorpo.rewards.preprocess import clip_preprocess, normalize
 
 MODULES = {"aesthetic": aesthetic, "pickscore": pickscore, "hpsv2": hpsv2}
 PROMPTS = ["a photo of a cat", "an oil painting of a red boat on a stormy sea"]

@@ -414,7 +414,7 @@ def test_a_rollout_logs_each_summed_reward(colorfulness_server, jpeg_server, pol
     """With several reward servers the run log shows each one's mean and std on the final images, which
     combine to the summed reward the rollout was ranked by."""
     from tailorpo.config import load_config
-    from tailorpo.trainer import collect_rollout, rollout_generator
+    from tailorpo.training.loop import collect_rollout, rollout_generator
 
     total = WeightedSum([(GrpcReward([colorfulness_server]), 0.5), (GrpcReward([jpeg_server]), 2.0)])
     rollout = collect_rollout(load_config("launch/tiny.yaml"), policy, total, ["a cat", "a dog"],
@@ -446,8 +446,8 @@ def test_tls(tmp_path):
 def test_guided_rollout_is_the_same_with_the_remote_reward(colorfulness_server, policy):
     """TailorPO-G through the wire: the server's d score / d image chains into the decoder and the UNet
     exactly as the in-process reward's autograd does."""
-    from tailorpo.branching import tailorpo_rollout
-    from tailorpo.guidance import cosine_eta_schedule
+    from tailorpo.algorithms.branching import tailorpo_rollout
+    from tailorpo.core.guidance import cosine_eta_schedule
 
     prompts, steps = ["a cat", "a dog"], [20, 10]
     eta = cosine_eta_schedule(steps)
@@ -462,7 +462,7 @@ def test_guided_rollout_is_the_same_with_the_remote_reward(colorfulness_server, 
 @pytest.mark.slow
 def test_train_against_a_reward_server_and_fail_fast_on_a_dead_one(colorfulness_server, tmp_path):
     from tailorpo.config import load_config
-    from tailorpo.trainer import train
+    from tailorpo.training.loop import train
 
     servers = f"reward.servers=[{{addresses: ['{colorfulness_server}']}}]"
     cfg = load_config("launch/tiny.yaml", [f"output_dir={tmp_path}", "train.total_samples=4",

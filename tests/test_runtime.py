@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tailorpo.config import ConfigError, load_config
 from tailorpo.runtime.driver import train_on_ray
-from tailorpo.trainer import train
+from tailorpo.training.loop import train
 
 pytestmark = pytest.mark.slow
 SHORT = ["train.total_samples=4", "eval.images_per_prompt=1"]

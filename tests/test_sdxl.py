@@ -11,15 +11,16 @@ from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from diffusers.configuration_utils import FrozenDict
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from tailorpo.branching import tailorpo_rollout
+from tailorpo.algorithms.branching import tailorpo_rollout
 from tailorpo.cli import main
 from tailorpo.config import AlgorithmConfig, OptimConfig
-from tailorpo.guidance import cosine_eta_schedule
-from tailorpo.learner import Learner
-from tailorpo.models import load_pipeline, save_lora
-from tailorpo.policy import DiffusionPolicy, PromptEmbeds
+from tailorpo.core.guidance import cosine_eta_schedule
+from tailorpo.algorithms.learner import Learner
+from tailorpo.diffusion.pipeline import load_pipeline
+from tailorpo.diffusion.lora import save_lora
+from tailorpo.diffusion.policy import DiffusionPolicy, PromptEmbeds
 from tailorpo.rewards import build_reward
-from tailorpo.rollouts import d3po_rollout, select_rows
+from tailorpo.algorithms.rollouts import d3po_rollout, select_rows
 from tests.conftest import perturb_lora
 
 PROMPTS = ["a cat", "a red car"]
@@ -173,7 +174,7 @@ def test_sdxl_lora_round_trip_into_a_fresh_pipeline(sdxl_policy, tmp_path):
 def test_tailorpo_train_on_tiny_sdxl(tmp_path):
     """`tailorpo train` end to end with model.pretrained=tiny-sdxl: the SDXL pipeline through the real trainer."""
     from tailorpo.config import load_config
-    from tailorpo.trainer import train
+    from tailorpo.training.loop import train
 
     overrides = ["model.pretrained=tiny-sdxl", "train.total_samples=4", "eval.images_per_prompt=1",
                  f"output_dir={tmp_path}"]

@@ -12,15 +12,16 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 
-from reward_servers.shapes import HEADS, ShapeMatchReward, load, load_classifier
-from tailorpo.models import load_pipeline
-from tailorpo.policy import DiffusionPolicy
+from tailorpo.tiny.shape_classifier import HEADS
+from reward_servers.shapes import ShapeMatchReward, load, load_classifier
+from tailorpo.diffusion.pipeline import load_pipeline
+from tailorpo.diffusion.policy import DiffusionPolicy
 from tailorpo.prompts import SHAPE_HELD_OUT, SHAPE_SCENES, SHAPE_TRAIN, shape_caption, shape_held_out
 from tailorpo.rewards import RewardInputError, build_reward
 from tailorpo.rewards.grpc_client import GrpcReward
-from tailorpo.rollouts import trajectory_rollout
-from tailorpo.shapes import IMAGE_SIZE, SHAPES_MODEL_DIR, draw_scenes, render, scenes_of
-from tailorpo.tiny_shapes import TrainingPlan, train_tiny_shapes
+from tailorpo.algorithms.rollouts import trajectory_rollout
+from tailorpo.tiny.shapes import IMAGE_SIZE, SHAPES_MODEL_DIR, draw_scenes, render, scenes_of
+from tailorpo.tiny.shapes_training import TrainingPlan, train_tiny_shapes
 from tests.test_reward_server import reward_server
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,8 +5,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tailorpo.config import load_config
-from tailorpo.models import load_pipeline
-from tailorpo.trainer import train
+from tailorpo.diffusion.pipeline import load_pipeline
+from tailorpo.training.loop import train
 
 # Observed eval gains (kB less JPEG per 64x64 image, base about -4.38 kB) after the 64-sample run of
 # launch/tiny.yaml: +0.13 (seed 0), +0.11 (seed 1), +0.21 (seed 2). The test asks for +0.05 at seed 0.
@@ -88,7 +88,7 @@ def test_weights_and_biases_mirror_offline(tmp_path, monkeypatch):
 def test_a_non_finite_reward_stops_the_run_before_training_on_it(tmp_path, monkeypatch, capsys):
     """A reward that turns NaN mid-run (the third call) stops `tailorpo train` with exit code 1, naming the reward
     and the prompts, after the checkpoint of the last good update; --resume is the way on."""
-    from tailorpo import trainer
+    from tailorpo.training import loop as trainer
     from tailorpo.cli import main
     from tailorpo.rewards import TorchReward
 

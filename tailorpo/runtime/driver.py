@@ -23,12 +23,12 @@ from pathlib import Path
 import ray
 import torch
 
-from tailorpo.checkpoint import Progress
+from tailorpo.training.checkpoint import Progress
 from tailorpo.config import ActorResources, Config, ConfigError, RewardServerConfig
-from tailorpo.run_log import RunLog, RunSummary
+from tailorpo.training.run_log import RunLog, RunSummary
 from tailorpo.runtime.reward_actors import RewardServerOwner
 from tailorpo.runtime.workers import LearnerWorker, SamplerWorker
-from tailorpo.trainer import pick_prompts, prepare_output
+from tailorpo.training.loop import pick_prompts, prepare_output
 
 SAMPLER_NAME = "tailorpo-sampler"
 LEARNER_NAME = "tailorpo-learner"

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from tailorpo.checkpoint import Progress, latest_checkpoint
+from tailorpo.training.checkpoint import Progress, latest_checkpoint
 from tailorpo.config import Config
-from tailorpo.objectives import PerPromptStatTracker
+from tailorpo.core.objectives import PerPromptStatTracker
 from tailorpo.rewards import RewardModel
-from tailorpo.rollouts import Rollout, map_tensors
-from tailorpo.run_log import EvalSnapshot, RunSummary
-from tailorpo.trainer import (
+from tailorpo.algorithms.rollouts import Rollout, map_tensors
+from tailorpo.training.run_log import EvalSnapshot, RunSummary
+from tailorpo.training.loop import (
     build_learner,
     build_policy,
     build_reward_model,

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 
 from tailorpo.config import AlgorithmConfig, OptimConfig
-from tailorpo.ddim import gaussian_log_prob
-from tailorpo.models import lora_parameters, reference_model
-from tailorpo.objectives import ddpo_loss, dpo_logits, preference_accuracy, step_dpo_loss
-from tailorpo.policy import DiffusionPolicy, PromptEmbeds
-from tailorpo.rollouts import PolicySteps, PreferencePairs, Rollout, select_rows
+from tailorpo.core.ddim import gaussian_log_prob
+from tailorpo.diffusion.lora import lora_parameters, reference_model
+from tailorpo.core.objectives import ddpo_loss, dpo_logits, preference_accuracy, step_dpo_loss
+from tailorpo.diffusion.policy import DiffusionPolicy, PromptEmbeds
+from tailorpo.algorithms.rollouts import PolicySteps, PreferencePairs, Rollout, select_rows
 
 
 class LoraLearner:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from tailorpo.rollouts import order_by_winner, select_winner
+from tailorpo.core.ranking import order_by_winner, select_winner
 
 logger = logging.getLogger(__name__)
 

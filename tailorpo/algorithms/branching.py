@@ -13,10 +13,11 @@ from typing import Callable
 
 import torch
 
-from tailorpo.guidance import guide
-from tailorpo.policy import DiffusionPolicy, PromptEmbeds
+from tailorpo.core.guidance import guide
+from tailorpo.diffusion.policy import DiffusionPolicy, PromptEmbeds
 from tailorpo.rewards import RewardModel, differentiable_reward
-from tailorpo.rollouts import Rollout, order_by_winner, select_winner, stack_pairs
+from tailorpo.algorithms.rollouts import Rollout, stack_pairs
+from tailorpo.core.ranking import order_by_winner, select_winner
 
 
 def sample_children(

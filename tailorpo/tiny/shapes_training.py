@@ -26,10 +26,10 @@ from transformers import CLIPTextModel
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from reward_servers.shapes import ShapeClassifier, attribute_log_probs
-from tailorpo.models import tiny_shapes_pipeline
+from tailorpo.tiny.shape_classifier import ShapeClassifier, attribute_log_probs
+from tailorpo.tiny.models import tiny_shapes_pipeline
 from tailorpo.prompts import SHAPE_SCENES, shape_caption, shape_held_out
-from tailorpo.shapes import draw_scenes, render
+from tailorpo.tiny.shapes import draw_scenes, render
 
 TRAIN_SCENES = [s for s in SHAPE_SCENES if not shape_held_out(s)]
 

@@ -26,9 +26,9 @@ from typing import Literal
 import torch
 
 from tailorpo.config import Config, OptimConfig, PairsConfig
-from tailorpo.learner import LoraLearner
-from tailorpo.models import reference_model
-from tailorpo.objectives import (
+from tailorpo.algorithms.learner import LoraLearner
+from tailorpo.diffusion.lora import reference_model
+from tailorpo.core.objectives import (
     diff_contrast_logits,
     diff_contrast_loss,
     diff_contrast_weights,
@@ -40,10 +40,10 @@ from tailorpo.objectives import (
     preference_accuracy,
     step_dpo_loss,
 )
-from tailorpo.pair_data import PairBatch
-from tailorpo.pair_embeddings import ClipPairEmbedder
-from tailorpo.policy import DiffusionPolicy, PromptEmbeds
-from tailorpo.rollouts import FinalImagePairs, Rollout
+from tailorpo.pairs.data import PairBatch
+from tailorpo.pairs.embeddings import ClipPairEmbedder
+from tailorpo.diffusion.policy import DiffusionPolicy, PromptEmbeds
+from tailorpo.algorithms.rollouts import FinalImagePairs, Rollout
 
 PairObjective = Literal["diffusion_dpo", "mapo", "diff_contrast"]
 

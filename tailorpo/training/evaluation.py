@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from tailorpo.config import Config, ConfigError, LoraSettings
-from tailorpo.models import SavedLora, load_lora, read_lora
-from tailorpo.run_log import GRID_PROMPTS, comparison_grid
-from tailorpo.trainer import build_policy, build_reward_model, compare_with_base, resolve_device
+from tailorpo.diffusion.lora import SavedLora, load_lora, read_lora
+from tailorpo.training.run_log import GRID_PROMPTS, comparison_grid
+from tailorpo.training.loop import build_policy, build_reward_model, compare_with_base, resolve_device
 
 REPORT_FILES = ("results.csv", "results.md", "grid.png")
 

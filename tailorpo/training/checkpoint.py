@@ -21,8 +21,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tailorpo.learner import LoraLearner
-from tailorpo.objectives import PerPromptStatTracker
+from tailorpo.algorithms.learner import LoraLearner
+from tailorpo.core.objectives import PerPromptStatTracker
 
 PREFIX = "checkpoint-"
 

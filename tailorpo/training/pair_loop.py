@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from tailorpo.checkpoint import Progress, save_checkpoint
+from tailorpo.training.checkpoint import Progress, save_checkpoint
 from tailorpo.config import Config
-from tailorpo.models import save_lora
-from tailorpo.objectives import PerPromptStatTracker
-from tailorpo.pair_data import PairBatch, PairDataError, PairDataset, PairReader, collate_pairs, read_pairs
-from tailorpo.pair_learner import PairLearner, build_pair_learner
-from tailorpo.policy import DiffusionPolicy
-from tailorpo.run_log import RunLog, RunSummary
-from tailorpo.trainer import (
+from tailorpo.diffusion.lora import save_lora
+from tailorpo.core.objectives import PerPromptStatTracker
+from tailorpo.pairs.data import PairBatch, PairDataError, PairDataset, PairReader, collate_pairs, read_pairs
+from tailorpo.algorithms.pair_learner import PairLearner, build_pair_learner
+from tailorpo.diffusion.policy import DiffusionPolicy
+from tailorpo.training.run_log import RunLog, RunSummary
+from tailorpo.training.loop import (
     build_policy,
     build_reward_model,
     crossed,

@@ -14,19 +14,26 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from tailorpo.branching import tailorpo_rollout
-from tailorpo.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from tailorpo.algorithms.branching import tailorpo_rollout
+from tailorpo.training.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from tailorpo.config import PAIR_ALGORITHMS, Config, ConfigError, EvalConfig, dump_config
-from tailorpo.guidance import cosine_eta_schedule
-from tailorpo.learner import Learner, LoraLearner
-from tailorpo.models import add_lora, load_pipeline, reference_model, save_lora
-from tailorpo.objectives import PerPromptStatTracker
-from tailorpo.pair_learner import PairLearner, build_pair_learner
-from tailorpo.policy import DiffusionPolicy
+from tailorpo.core.guidance import cosine_eta_schedule
+from tailorpo.algorithms.learner import Learner, LoraLearner
+from tailorpo.diffusion.lora import add_lora, reference_model, save_lora
+from tailorpo.diffusion.pipeline import load_pipeline
+from tailorpo.core.objectives import PerPromptStatTracker
+from tailorpo.algorithms.pair_learner import PairLearner, build_pair_learner
+from tailorpo.diffusion.policy import DiffusionPolicy
 from tailorpo.rewards import RewardModel, build_reward
 from tailorpo.rewards.grpc_client import WeightedSum
-from tailorpo.rollouts import Rollout, d3po_rollout, ddpo_rollout, final_image_pair_rollout, trajectory_rollout
-from tailorpo.run_log import GRID_PROMPTS, EvalSnapshot, RunLog, RunSummary, comparison_grid, grid_thumbnails
+from tailorpo.algorithms.rollouts import (
+    Rollout,
+    d3po_rollout,
+    ddpo_rollout,
+    final_image_pair_rollout,
+    trajectory_rollout,
+)
+from tailorpo.training.run_log import GRID_PROMPTS, EvalSnapshot, RunLog, RunSummary, comparison_grid, grid_thumbnails
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from reward_servers.checkpoints import check_state_dict, read_checkpoint, resolve_file
-from tailorpo.models import write_clip_tokenizer_files
+from tailorpo.rewards.weights import check_state_dict, read_checkpoint, resolve_file
+from tailorpo.tiny.tokenizer import write_clip_tokenizer_files
 
 
 def clip_features(output: torch.Tensor | object) -> torch.Tensor:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from tailorpo.ddim import DDIMStep, LogProbReduction, ddim_mean, ddim_sigma, ddim_step, predict_x0, step_alphas
-from tailorpo.models import Pipeline
+from tailorpo.core.ddim import DDIMStep, LogProbReduction, ddim_mean, ddim_sigma, ddim_step, predict_x0, step_alphas
+from tailorpo.diffusion.pipeline import Pipeline
 
 
 @dataclass

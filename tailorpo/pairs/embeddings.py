@@ -15,7 +15,7 @@ exactly the values the interrupted one used. Each shard is tagged with the CLIP 
 cache folder written for another model or data set is refused rather than silently mixed in.
 
 Loading (strict key check), feature extraction across transformers versions and CLIP's preprocessing in tensor
-ops are the CLIP reward servers' (``reward_servers.clip``, ``reward_servers.preprocess``), shared, not copied.
+ops are the CLIP reward servers' (``tailorpo.rewards.clip``, ``tailorpo.rewards.preprocess``), shared, not copied.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPModel, CLIPTokenizer
 
-from reward_servers.clip import clip_features, load_hf_clip
-from reward_servers.preprocess import clip_preprocess
+from tailorpo.rewards.clip import clip_features, load_hf_clip
+from tailorpo.rewards.preprocess import clip_preprocess
 from tailorpo.config import ConfigError
-from tailorpo.objectives import clip_joint_embedding
-from tailorpo.pair_data import PairBatch
+from tailorpo.core.objectives import clip_joint_embedding
+from tailorpo.pairs.data import PairBatch
 
 SHARD_PREFIX = "shard-"
 

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from tailorpo.config import Config
-from tailorpo.models import reference_model
-from tailorpo.pair_data import export_pairs, write_pairs
-from tailorpo.rollouts import final_image_pair_rollout, trajectory_rollout
-from tailorpo.trainer import (
+from tailorpo.diffusion.lora import reference_model
+from tailorpo.pairs.data import export_pairs, write_pairs
+from tailorpo.algorithms.rollouts import final_image_pair_rollout, trajectory_rollout
+from tailorpo.training.loop import (
     build_policy,
     build_reward_model,
     pick_prompts,

@@ -1,0 +1,1 @@
+"""Each method's rollout (what it samples) and learner (how it learns from it)."""

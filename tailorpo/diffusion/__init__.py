@@ -1,0 +1,1 @@
+"""The one place that touches diffusers and peft: loading pipelines, LoRA on the UNet, the policy."""

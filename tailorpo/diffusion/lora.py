@@ -1,0 +1,121 @@
+"""LoRA on the UNet via peft: attach, switch off for the reference model, save and load strictly."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, target_modules: list[str]) -> None:
+    """Attach a trainable LoRA adapter (peft) to the UNet; the base weights stay frozen."""
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules)
+    )
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # LoRA weights train in fp32 even when the base is bf16
+
+
+def lora_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+@contextmanager
+def reference_model(unet: UNet2DConditionModel) -> Iterator[None]:
+    """pi_ref: the same UNet with its LoRA adapter disabled. No second copy of the weights is kept."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
+    """Save the UNet LoRA so that ``StableDiffusionPipeline.load_lora_weights(directory)`` loads it."""
+    # peft's own key names: diffusers' legacy conversion renames only attention layers, and a file that
+    # mixes both namings loads partially.
+    state = get_peft_model_state_dict(unet)
+    # the adapter's LoraConfig goes into the file's metadata: without it load_lora_weights assumes alpha = rank
+    metadata = unet.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(
+        directory, unet_lora_layers=state, safe_serialization=True, unet_lora_adapter_metadata=metadata
+    )
+    return Path(directory)
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name save_lora writes and load_lora_weights looks for
+UNET_PREFIX = "unet."  # diffusers' prefix of UNet keys (and of their metadata fields) in a LoRA file
+
+
+class LoraLoadError(ValueError):
+    """A LoRA folder that cannot be read or does not fit the model; the message names the file and a key."""
+
+
+@dataclass
+class SavedLora:
+    """A UNet LoRA as ``save_lora`` writes it: peft's key names, and the adapter's LoraConfig fields (``r``,
+    ``lora_alpha``, ``target_modules``, ...) when the file records them (None for files saved without)."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    lora_config: dict[str, Any] | None
+
+
+def read_lora(directory: str | Path) -> SavedLora:
+    """Read a saved LoRA without any model, so a wrong folder fails before a pipeline loads."""
+    path = Path(directory) / LORA_FILE
+    if not Path(directory).is_dir():
+        raise LoraLoadError(f"LoRA folder {str(directory)!r} does not exist")
+    if not path.is_file():
+        raise LoraLoadError(f"{str(directory)!r} holds no {LORA_FILE}; give the lora/ folder `tailorpo train` writes")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except (OSError, SafetensorError) as err:
+        raise LoraLoadError(f"{path} is not a readable safetensors file ({err})") from None
+    others = [key for key in state if not key.startswith(UNET_PREFIX)]
+    if others:
+        raise LoraLoadError(f"{path}: {len(others)} weights outside the UNet (e.g. {others[0]}); only UNet LoRAs "
+                            "(as tailorpo train saves them) are supported")
+    lora_config = None
+    if "lora_adapter_metadata" in metadata:
+        fields = json.loads(metadata["lora_adapter_metadata"])
+        lora_config = {key.removeprefix(UNET_PREFIX): value for key, value in fields.items()}
+    return SavedLora(path, {key.removeprefix(UNET_PREFIX): value for key, value in state.items()}, lora_config)
+
+
+def lora_mismatches(expected: dict[str, torch.Size], found: dict[str, torch.Size]) -> list[str]:
+    """What keeps a LoRA file (key -> shape) from filling the model's adapter exactly; empty if nothing."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    reshaped = [f"{key} is {tuple(found[key])} in the file, {tuple(expected[key])} in the model"
+                for key in expected if key in found and found[key] != expected[key]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of the model's LoRA weights are not in the file, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} weights of the file have no place in the model, e.g. {unexpected[0]}")
+    if reshaped:
+        problems.append(f"{len(reshaped)} weights differ in shape, e.g. {reshaped[0]}")
+    return problems
+
+
+def load_lora(unet: UNet2DConditionModel, saved: SavedLora) -> None:
+    """Fill the UNet's adapter (from ``add_lora``) with a saved LoRA, strictly: a LoRA of another model or of
+    another rank or target set is refused with what does not fit, instead of loading in part."""
+    expected = {key: value.shape for key, value in get_peft_model_state_dict(unet).items()}
+    problems = lora_mismatches(expected, {key: value.shape for key, value in saved.state.items()})
+    if problems:
+        raise LoraLoadError(f"the LoRA in {saved.path} does not fit this model: {'; '.join(problems)}. Was it "
+                            "trained with another model.pretrained or lora section?")
+    set_peft_model_state_dict(unet, saved.state)

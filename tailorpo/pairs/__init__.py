@@ -1,0 +1,1 @@
+"""Preference-pair data for the offline objectives: reading, CLIP embeddings."""
