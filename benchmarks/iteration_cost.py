@@ -1,8 +1,9 @@
 """What one training iteration costs for TailorPO and for D3PO, given the same number of trained pairs.
 
-The spec ("Where the compute goes") says TailorPO should cost less per pair than D3PO. The reason is that
-TailorPO's two branches share one x_t, so one forward at that x_t serves both. This script checks that claim
-on the real code path: ``collect_rollout`` followed by ``Learner.train_on``. It reports:
+TailorPO should cost less per trained pair than D3PO: TailorPO's two branches share one x_t (TailorPO, Ren et
+al., arXiv 2502.01667, Fig. 1b), so one forward at that x_t serves both, while D3PO's pairs (Yang et al., arXiv
+2311.13231) sit on two trajectories. This script checks that claim on the real code path: ``collect_rollout``
+followed by ``Learner.train_on``. It reports:
 
 - Guided UNet evaluations, counted by ``policy.unet_evals`` (one count per batch row), per phase. Each
   count sits next to the minimum the algorithm needs. A count above the minimum means some eps is computed
@@ -30,24 +31,29 @@ Usage: python benchmarks/iteration_cost.py [--config launch/tiny.yaml] [--iterat
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import resource
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from figures import Figure, add_figures_argument, text_table, write_figures
-
-from tailorpo.config import Config, ConfigError, load_config
+from common import (
+    Figure,
+    MiB,
+    add_figures_argument,
+    in_spawned_process,
+    load_policy,
+    peak_memory_growth,
+    synchronize,
+    text_table,
+    write_figures,
+)
 from tailorpo.algorithms.learner import Learner
-from tailorpo.training.loop import build_policy, build_reward_model, collect_rollout, resolve_device, seed_everything
+from tailorpo.config import Config, ConfigError, load_config
+from tailorpo.training.build import build_reward_model
+from tailorpo.training.loop import collect_rollout
 
 ALGORITHMS = ("tailorpo", "d3po")
-MiB = 2**20
 
 
 @dataclass
@@ -72,7 +78,7 @@ class Measurement:
 
 
 def expected(cfg: Config, algorithm: str, pairs: int) -> Counts:
-    """The minimum counts from the spec (VAE: x0_hat decodes of both children plus the final image)."""
+    """The minimum counts each algorithm needs (VAE: x0_hat decodes of both children plus the final image)."""
     b, t, steps = cfg.sampling.batch_size, cfg.sampling.num_steps, cfg.algorithm.fine_tuned_steps
     if algorithm == "tailorpo":
         branches_with_next_eps = sum(k > 1 for k in steps)
@@ -80,47 +86,12 @@ def expected(cfg: Config, algorithm: str, pairs: int) -> Counts:
     return Counts(pairs, 2 * b * t, 4 * pairs, 2 * b, 0)
 
 
-def _rss_bytes() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes(reset_worked: bool) -> int:
-    if reset_worked:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # since process start (includes loading)
-
-
 def measure(config: str, overrides: list[str], algorithm: str, iterations: int, threads: int) -> Measurement:
     """One warm-up plus ``iterations`` timed iterations of ``algorithm``. Run this in a fresh process."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    cfg = load_config(config, [*overrides, f"algorithm.name={algorithm}"])
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    policy = build_policy(cfg, device)
+    cfg, policy = load_policy(config, [*overrides, f"algorithm.name={algorithm}"], threads)
     reward = build_reward_model(cfg)
     learner = Learner(policy, cfg.optim, cfg.algorithm)
     generator = torch.Generator().manual_seed(cfg.seed)
-    cuda = device.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
 
     def counters() -> tuple[int, int]:
         return policy.unet_evals, policy.vae_decodes
@@ -128,36 +99,24 @@ def measure(config: str, overrides: list[str], algorithm: str, iterations: int, 
     def delta(after: tuple[int, int], before: tuple[int, int]) -> tuple[int, int]:
         return after[0] - before[0], after[1] - before[1]
 
-    if cuda:
-        sync()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base, reset_worked = _rss_bytes(), _reset_peak_rss()
-
     counts, sample_s, train_s = [], [], []
-    for it in range(iterations + 1):
-        picks = torch.randint(len(cfg.prompts), (cfg.sampling.batch_size,), generator=generator).tolist()
-        c0, t0 = counters(), time.perf_counter()
-        rollout = collect_rollout(cfg, policy, reward, [cfg.prompts[j] for j in picks], generator)
-        sync()
-        c1, t1 = counters(), time.perf_counter()
-        stats = learner.train_on(rollout)
-        sync()
-        c2, t2 = counters(), time.perf_counter()
-        if it == 0:
-            continue  # warm-up: allocator, optimizer state, lazy kernels
-        (su, sv), (tu, tv) = delta(c1, c0), delta(c2, c1)
-        counts.append(Counts(int(stats["pairs"]), su, tu, sv, tv))
-        sample_s.append(t1 - t0)
-        train_s.append(t2 - t1)
-
-    if cuda:
-        growth, kind = torch.cuda.max_memory_allocated(device) - base, "CUDA max_memory_allocated"
-    else:
-        growth = _peak_rss_bytes(reset_worked) - base
-        kind = "CPU peak RSS (VmHWM)" if reset_worked else "CPU peak RSS (ru_maxrss, includes load)"
-    return Measurement(algorithm, counts, sample_s, train_s, growth, kind)
+    with peak_memory_growth(policy.device) as growth:
+        for it in range(iterations + 1):
+            picks = torch.randint(len(cfg.prompts), (cfg.sampling.batch_size,), generator=generator).tolist()
+            c0, t0 = counters(), time.perf_counter()
+            rollout = collect_rollout(cfg, policy, reward, [cfg.prompts[j] for j in picks], generator)
+            synchronize(policy.device)
+            c1, t1 = counters(), time.perf_counter()
+            stats = learner.train_on(rollout)
+            synchronize(policy.device)
+            c2, t2 = counters(), time.perf_counter()
+            if it == 0:
+                continue  # warm-up: allocator, optimizer state, lazy kernels
+            (su, sv), (tu, tv) = delta(c1, c0), delta(c2, c1)
+            counts.append(Counts(int(stats["pairs"]), su, tu, sv, tv))
+            sample_s.append(t1 - t0)
+            train_s.append(t2 - t1)
+    return Measurement(algorithm, counts, sample_s, train_s, growth.bytes, growth.kind)
 
 
 FIELDS = [("UNet evals, sampling", "sample_unet"), ("UNet evals, training", "train_unet"),
@@ -228,7 +187,7 @@ def report(cfg: Config, results: dict[str, Measurement]) -> None:
 
 
 def headline(cfg: Config, results: dict[str, Measurement]) -> list[Figure]:
-    """The spec's claims in three ratios, plus the count check that guards them."""
+    """TailorPO's cost per pair against D3PO's in three ratios, plus the count check that guards them."""
     tp, d3 = results["tailorpo"], results["d3po"]
     off = sum(any(_excess(cfg, m, field)) for m in results.values() for _, field in FIELDS)
     a, c = _shown(tp), _shown(d3)
@@ -239,7 +198,7 @@ def headline(cfg: Config, results: dict[str, Measurement]) -> list[Figure]:
         Figure("UNet evals per pair, TailorPO/D3PO", _evals_per_pair(a) / _evals_per_pair(c),
                f"{least:.2f} at the minimum counts: one x_t serves both branches"),
         Figure("time per pair, TailorPO/D3PO", _seconds_per_pair(tp) / _seconds_per_pair(d3),
-               "< 1 (spec: cheaper per pair); tiny model ~0.7, a regression guard, not an SD prediction"),
+               "< 1 (shared x_t: cheaper per pair); tiny model ~0.7, a regression guard, not an SD prediction"),
         Figure("peak memory growth, TailorPO/D3PO", tp.peak_growth_bytes / max(d3.peak_growth_bytes, 1),
                "<= 1: D3PO backpropagates twice the rows (tiny model ~0.65)"),
     ]
@@ -263,9 +222,8 @@ def main() -> None:
     results: dict[str, Measurement] = {}
     for algorithm in ALGORITHMS:
         start = time.perf_counter()
-        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-            job = pool.submit(measure, args.config, args.overrides, algorithm, iterations, args.threads)
-            results[algorithm] = job.result()
+        results[algorithm] = in_spawned_process(measure, args.config, args.overrides, algorithm, iterations,
+                                                args.threads)
         print(f"{algorithm}: measured in {time.perf_counter() - start:.1f}s (incl. process start and model load)")
     report(cfg, results)
     print(f"CPU threads per run: {args.threads or torch.get_num_threads()}")

@@ -40,30 +40,35 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import multiprocessing as mp
 import statistics
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import torch
-from figures import Figure, add_figures_argument, text_table, write_figures
-from iteration_cost import _peak_rss_bytes, _reset_peak_rss, _rss_bytes  # one RSS probe for every benchmark
 
+from common import (
+    Figure,
+    MiB,
+    add_figures_argument,
+    in_spawned_process,
+    load_policy,
+    peak_memory_growth,
+    synchronize,
+    text_table,
+    write_figures,
+)
+from tailorpo.algorithms.pair_learner import DIFF_CONTRAST, DIFFUSION_DPO, PairLearner
+from tailorpo.algorithms.registry import ALGORITHMS
 from tailorpo.config import Config, ConfigError, load_config
 from tailorpo.core.objectives import diff_contrast_weights
+from tailorpo.diffusion.policy import DiffusionPolicy
 from tailorpo.pairs.data import PairBatch, PairDataset, collate_pairs, read_pairs, write_pairs
 from tailorpo.pairs.embeddings import ClipPairEmbedder
-from tailorpo.algorithms.pair_learner import PairLearner
-from tailorpo.diffusion.policy import DiffusionPolicy
-from tailorpo.training.loop import build_policy, resolve_device, seed_everything
 
-MiB = 2**20
-T = TypeVar("T")
 SWEEP = (1, 2, 4, 8)
 QUICK_SWEEP = (1, 8)
 HEAP_SAMPLE_S = 2e-4
@@ -160,23 +165,16 @@ def load_run(
     config: str, overrides: list[str], objective: str, threads: int, data: str
 ) -> tuple[Config, DiffusionPolicy, list[dict[str, Any]]]:
     """The config, the policy (with a fresh LoRA) and the pairs as tensors, in this process."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    cfg = load_config(config, [*overrides, f"algorithm.name={objective}", f"pairs.source={data}"])
-    seed_everything(cfg.seed)
-    policy = build_policy(cfg, resolve_device(cfg.device))
+    cfg, policy = load_policy(config, [*overrides, f"algorithm.name={objective}", f"pairs.source={data}"], threads)
     return cfg, policy, list(PairDataset(read_pairs(data), cfg.model.resolution))
 
 
 def timed_step(learner: PairLearner, batch: PairBatch, seed: int) -> float:
     """Seconds of one ``train_on`` (seeded draws, so every objective sees the same t and eps*)."""
-    device = learner.policy.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(learner.policy.device)
     tick = time.perf_counter()
     learner.train_on(batch, torch.Generator().manual_seed(seed))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(learner.policy.device)
     return time.perf_counter() - tick
 
 
@@ -186,28 +184,18 @@ def measure(config: str, overrides: list[str], objective: str, pairs: int, steps
     fresh process, so that the memory figures are this objective's alone."""
     cfg, policy, items = load_run(config, overrides, objective, threads, data)
     batch = collate_pairs(items[:pairs])
-    learner = PairLearner(policy, cfg.optim, objective, cfg.pairs)
+    learner = PairLearner(policy, cfg.optim, ALGORITHMS[objective].pair_objective, cfg.pairs)
     rows: list[int] = []
     hook = policy.unet.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
     timed_step(learner, batch, 0)  # warm-up: optimizer state, allocator, lazy kernels
     rows.clear()
-    cuda = policy.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(policy.device)
-        base = torch.cuda.memory_allocated(policy.device)
-    else:
-        base, reset_worked = _rss_bytes(), _reset_peak_rss()
-    with HeapPeak() as heap:
+    with peak_memory_growth(policy.device) as growth, HeapPeak() as heap:
         times = [timed_step(learner, batch, seed) for seed in range(1, steps + 1)]
-    if cuda:
-        growth, kind = torch.cuda.max_memory_allocated(policy.device) - base, "CUDA max_memory_allocated"
-    else:
-        growth = _peak_rss_bytes(reset_worked) - base
-        kind = "CPU peak RSS (VmHWM)" if reset_worked else "CPU peak RSS (ru_maxrss, includes load)"
     hook.remove()
     weights = sum(p.numel() * p.element_size() for p in policy.unet.parameters())
-    return StepCost(objective, pairs, len(rows) // steps, sum(rows) // steps, times, growth, kind,
-                    None if cuda else heap.growth, weights)
+    heap_growth = None if policy.device.type == "cuda" else heap.growth
+    return StepCost(objective, pairs, len(rows) // steps, sum(rows) // steps, times, growth.bytes, growth.kind,
+                    heap_growth, weights)
 
 
 def measure_contrast(config: str, overrides: list[str], pairs: int, steps: int, threads: int, data: str,
@@ -225,18 +213,12 @@ def measure_contrast(config: str, overrides: list[str], pairs: int, steps: int, 
     tick = time.perf_counter()
     diff_contrast_weights(*embedder(batch), cfg.pairs.diff_contrast.tau)  # what a warm step adds before the loss
     lookup_s = time.perf_counter() - tick
-    contrast = PairLearner(policy, cfg.optim, "diff_contrast", cfg.pairs, embedder)
-    dpo = PairLearner(policy, cfg.optim, "diffusion_dpo", cfg.pairs)
+    contrast = PairLearner(policy, cfg.optim, DIFF_CONTRAST, cfg.pairs, embedder)
+    dpo = PairLearner(policy, cfg.optim, DIFFUSION_DPO, cfg.pairs)
     for learner in (contrast, dpo):
         timed_step(learner, batch, 0)
     times = [(timed_step(contrast, batch, seed), timed_step(dpo, batch, seed)) for seed in range(1, steps + 1)]
     return ContrastCost(pairs, [c for c, _ in times], [d for _, d in times], clip_s, lookup_s)
-
-
-def in_process(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in a fresh spawned process."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def report_mapo(mapo: StepCost, dpo: StepCost, cfg_text: str) -> None:
@@ -321,9 +303,9 @@ def main() -> None:
             write_tiny_clip(Path(clip))
         start = time.perf_counter()
         common = (args.config, args.overrides)
-        mapo, dpo = (in_process(measure, *common, name, args.batch, steps, args.threads, str(data))
+        mapo, dpo = (in_spawned_process(measure, *common, name, args.batch, steps, args.threads, str(data))
                      for name in ("mapo", "diffusion_dpo"))
-        sweep = {m: in_process(measure_contrast, *common, m, steps, args.threads, str(data), clip)
+        sweep = {m: in_spawned_process(measure_contrast, *common, m, steps, args.threads, str(data), clip)
                  for m in sweep_sizes}
         print(f"measured in {time.perf_counter() - start:.1f}s (one process per measurement)")
     report_mapo(mapo, dpo, f"model={cfg.model.pretrained} @ {cfg.model.resolution}px")

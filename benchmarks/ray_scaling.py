@@ -26,14 +26,15 @@ from contextlib import contextmanager
 
 import ray
 import torch
-from figures import Figure, add_figures_argument, write_figures
 
+from common import Figure, add_figures_argument, write_figures
 from tailorpo.config import Config, load_config
 from tailorpo.rewards.grpc_client import GrpcReward
-from tailorpo.training.run_log import RunSummary
 from tailorpo.runtime.driver import train_on_ray
 from tailorpo.runtime.reward_actors import RewardServerOwner
-from tailorpo.training.loop import build_policy, collect_rollout, resolve_device, rollout_generator, seed_everything
+from tailorpo.training.build import build_policy, resolve_device, rollout_generator, seed_everything
+from tailorpo.training.loop import collect_rollout
+from tailorpo.training.run_log import RunSummary
 
 
 def ray_run(config: str, overrides: list[str], samplers: int, iterations: int, pipeline: bool) -> RunSummary:

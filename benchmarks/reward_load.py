@@ -36,12 +36,11 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
-from figures import Figure, add_figures_argument, write_figures
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from reward_server import PROMPT, Server  # the sibling benchmark's server process helper
 
-from reward_servers import load_reward_model
+from common import PROMPT, Figure, RewardServerProcess, add_figures_argument, write_figures
 from tailorpo._proto import reward_pb2
+from tailorpo.rewards import build_reward
 from tailorpo.rewards.wire import tensor_to_proto
 
 SCORE = "/tailorpo.reward.v1.RewardService/Score"
@@ -164,10 +163,10 @@ def run_phase(
 
 def run_load(seconds: float, reward: str = "jpeg") -> LoadResult:
     """Both phases against one fresh server; the overload phase lasts a third of ``seconds``."""
-    model = load_reward_model(reward, tiny=True)
+    model = build_reward(reward, tiny=True)
     pool = make_pool(model)
     expected = torch.cat([e for _, e in pool]).sort().values
-    server = Server(reward, "--max-queue", str(MAX_QUEUE))
+    server = RewardServerProcess(reward, "--max-queue", str(MAX_QUEUE))
     try:
         channel = grpc.insecure_channel(server.wait_ready(), options=[("grpc.max_receive_message_length", 2**28)])
         score = channel.unary_unary(SCORE)  # bytes in, bytes out: the pool is serialized already

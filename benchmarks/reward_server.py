@@ -34,20 +34,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
 import torch
-from figures import Figure, add_figures_argument, write_figures
 
-from reward_servers import load_reward_model
+from common import PROMPT, Figure, RewardServerProcess, add_figures_argument, write_figures
 from tailorpo._proto import reward_pb2
+from tailorpo.rewards import build_reward
 from tailorpo.rewards.grpc_client import GrpcReward
 from tailorpo.rewards.images import resize_and_center_crop
 from tailorpo.rewards.wire import tensor_to_proto
@@ -65,48 +62,6 @@ class Rounds:
 
 
 ROUNDS, QUICK_ROUNDS = Rounds(latency=40, calls=25, throughput=5), Rounds(latency=12, calls=10, throughput=3)
-PROMPT = "a photograph of an astronaut riding a horse"
-
-
-# ---------------------------------------------------------------- servers as subprocesses
-
-
-class Server:
-    """``tailorpo serve-reward NAME --tiny --port 0 ARGS``; stderr goes to a temp file so a chatty server
-    cannot fill a pipe and block."""
-
-    def __init__(self, name: str, *args: str) -> None:
-        self.label = " ".join([name, *args])
-        self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tailorpo.cli", "serve-reward", name, "--tiny", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-        )
-        self.address: str | None = None
-
-    def wait_ready(self, timeout_s: float = 90.0) -> str:
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout_s)
-        if not line or "listening on" not in line[0]:
-            self.stderr.seek(0)
-            tail = self.stderr.read()[-2000:]
-            raise RuntimeError(f"server '{self.label}' did not start: {line[:1]!r}\n{tail}")
-        self.address = line[0].rsplit(" ", 1)[-1].strip()
-        return self.address
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        self.stderr.close()
 
 
 # ---------------------------------------------------------------- part 1: latency
@@ -227,10 +182,10 @@ def main() -> int:
     prompts = [PROMPT] * N_LATENCY
 
     servers = {
-        "aesthetic": Server("aesthetic", "--max-wait-ms", "0"),
-        "jpeg": Server("jpeg", "--max-wait-ms", "0"),
-        "batched": Server("aesthetic", "--max-batch-size", "16", "--max-wait-ms", "10"),
-        "unbatched": Server("aesthetic", "--max-batch-size", "2", "--max-wait-ms", "0"),
+        "aesthetic": RewardServerProcess("aesthetic", "--max-wait-ms", "0"),
+        "jpeg": RewardServerProcess("jpeg", "--max-wait-ms", "0"),
+        "batched": RewardServerProcess("aesthetic", "--max-batch-size", "16", "--max-wait-ms", "10"),
+        "unbatched": RewardServerProcess("aesthetic", "--max-batch-size", "2", "--max-wait-ms", "0"),
     }
     clients: list[GrpcReward] = []
     try:
@@ -245,8 +200,8 @@ def main() -> int:
               f"torch threads = {torch.get_num_threads()}; 4 servers up in {startup:.1f}s)\n")
 
         # 1. latency
-        aesthetic = load_reward_model("aesthetic", tiny=True)
-        jpeg = load_reward_model("jpeg")
+        aesthetic = build_reward("aesthetic", tiny=True)
+        jpeg = build_reward("jpeg")
         rows = [  # (figure key, reward, grad, client, model, want_grad, server)
             ("aesthetic", "aesthetic", "no", client("aesthetic"), aesthetic, False, "--max-wait-ms 0"),
             ("aesthetic, want_grad", "aesthetic", "yes", clients[-1], aesthetic, True, "--max-wait-ms 0"),

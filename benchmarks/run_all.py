@@ -1,4 +1,4 @@
-"""Every benchmark in one command, and one table of the figures each issue asked for.
+"""Every benchmark in one command, and one table of each benchmark's headline figures.
 
 Each script runs as its own process, one after another (they would compete for the cores otherwise): a crash or
 a hang costs only that script's rows, which then read FAILED with the error, and the memory figures stay each
@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from figures import Figure, read_figures, text_table
+from common import Figure, read_figures, text_table
 
 BENCH_DIR = Path(__file__).resolve().parent
 # name: whether it takes --config (the reward-server benchmarks start their own tiny servers instead)

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: experiments/paper_sd15.py needs a CUDA GPU (SD v1.5 at 512 px, ~3.8 h per 10,000-sample run "
               "on an A100); for a CPU run use experiments/paper_claims.py with launch/tiny.yaml", file=sys.stderr)
         return 2
-    from tailorpo.paper_claims import main as paper_claims
+    from claims.cli import main as paper_claims  # experiments/claims, beside this script
+
     from tailorpo.runtime.reward_actors import RewardServerOwner
 
     out = Path(args.out)

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from tailorpo.rewards.weights import load_checked, read_checkpoint, resolve_file, seeded
-from tailorpo.rewards.clip import clip_features, load_hf_clip, tiny_clip_config
 from reward_servers.heads import ScoreHead
-from tailorpo.rewards.preprocess import clip_preprocess
 from tailorpo.rewards.base import TorchReward
+from tailorpo.rewards.clip import clip_features, load_hf_clip, tiny_clip_config
+from tailorpo.rewards.preprocess import clip_preprocess
+from tailorpo.rewards.weights import load_checked, read_checkpoint, resolve_file, seeded
 
 CLIP_ID = "openai/clip-vit-large-patch14"
 DEFAULT_WEIGHTS = "trl-lib/ddpo-aesthetic-predictor"

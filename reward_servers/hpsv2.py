@@ -22,9 +22,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from tailorpo.rewards.weights import check_state_dict, read_checkpoint, resolve_file, seeded
-from tailorpo.rewards.preprocess import normalize
 from tailorpo.rewards.base import TorchReward
+from tailorpo.rewards.preprocess import normalize
+from tailorpo.rewards.weights import check_state_dict, read_checkpoint, resolve_file, seeded
 
 HUB_REPO = "xswu/HPSv2"
 VERSION_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}

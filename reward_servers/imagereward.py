@@ -40,10 +40,10 @@ import torch
 from torch import nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-from tailorpo.rewards.weights import load_checked, read_checkpoint, resolve_file, seeded
 from reward_servers.heads import ScoreHead
-from tailorpo.rewards.preprocess import clip_preprocess
 from tailorpo.rewards.base import TorchReward
+from tailorpo.rewards.preprocess import clip_preprocess
+from tailorpo.rewards.weights import load_checked, read_checkpoint, resolve_file, seeded
 
 SCORE_MEAN = 0.16717362830052426
 SCORE_STD = 1.0333394966054072
@@ -76,13 +76,7 @@ _VISION_RENAMES = [
     (r"self_attn\.proj", "self_attn.projection"),
 ]
 
-_TINY_WORDS = (
-    "a an the of in on at with and or to by for from under over near photo painting picture image drawing "
-    "portrait landscape city street house room forest mountain river sea beach sky sun moon night day cat dog "
-    "horse bird fish tree flower car boat man woman child people robot dragon castle red blue green yellow "
-    "black white orange purple small big old young beautiful detailed realistic cute happy dark bright is "
-    "sitting standing running flying riding holding wearing hat"
-).split()
+_TINY_WORDS = ["a", "an", "the", "of", "in", "on", "at", "with", "and", "or", "to", "by", "for", "from", "under", "over", "near", "photo", "painting", "picture", "image", "drawing", "portrait", "landscape", "city", "street", "house", "room", "forest", "mountain", "river", "sea", "beach", "sky", "sun", "moon", "night", "day", "cat", "dog", "horse", "bird", "fish", "tree", "flower", "car", "boat", "man", "woman", "child", "people", "robot", "dragon", "castle", "red", "blue", "green", "yellow", "black", "white", "orange", "purple", "small", "big", "old", "young", "beautiful", "detailed", "realistic", "cute", "happy", "dark", "bright", "is", "sitting", "standing", "running", "flying", "riding", "holding", "wearing", "hat"]  # noqa: E501
 
 
 def _full_configs() -> tuple[BlipVisionConfig, BlipTextConfig]:

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
-from tailorpo.rewards.weights import resolve_file, seeded
+from tailorpo.rewards.base import TorchReward
 from tailorpo.rewards.clip import clip_features, load_hf_clip, tiny_clip_config, tiny_clip_tokenizer
 from tailorpo.rewards.preprocess import clip_preprocess
-from tailorpo.rewards.base import TorchReward
+from tailorpo.rewards.weights import resolve_file, seeded
 
 DEFAULT_WEIGHTS = "yuvalkirstain/PickScore_v1"
 PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

@@ -42,6 +42,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tailorpo._proto import reward_pb2, reward_pb2_grpc
 from tailorpo.rewards.base import RewardInputError, RewardModel, validate_reward_input
+from tailorpo.rewards.service import ServerConfig, bearer_metadata
 from tailorpo.rewards.wire import PROTOCOL_VERSION, WireError, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger("tailorpo.reward_server")
@@ -49,32 +50,6 @@ SERVICE_NAME = "tailorpo.reward.v1.RewardService"
 HEADROOM = 8  # handler threads beyond max_queue: health, Info and fast rejections never wait for a thread
 HEALTH_PREFIX = "/grpc.health.v1.Health/"  # the only methods served without the token
 SCORE_METHOD = f"/{SERVICE_NAME}/Score"
-
-
-@dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: any free port (printed at start)
-    max_batch_size: int = 16
-    max_wait_ms: float = 5.0
-    max_queue: int = 64
-    max_message_mb: int = 256  # a batch of 64 512x512 float32 images is 192 MiB
-    token: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None  # mutual TLS: only clients with a certificate signed by this CA connect
-    grace_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        """Checked before a model loads, so a bad flag combination costs no model load."""
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
-        if self.tls_client_ca and not self.tls_cert:
-            raise ValueError("--tls-client-ca (mutual TLS) needs the server's own --tls-cert and --tls-key")
-        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
-                           ("--tls-client-ca", self.tls_client_ca)):
-            if path and not Path(path).is_file():
-                raise ValueError(f"{flag} {path}: no such file")
 
 
 @dataclass(eq=False)  # identity: a generated __eq__ in _pending.remove(r) compares images and raises on mixed shapes
@@ -270,7 +245,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     server receive or parse a request body. Health checks pass without it (see the module docstring)."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._key, expected = bearer_metadata(token)
+        self._expected = expected.encode()
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
@@ -278,7 +254,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         if handler_call_details.method.startswith(HEALTH_PREFIX):
             return continuation(handler_call_details)
-        got = dict(handler_call_details.invocation_metadata).get("authorization", "")
+        got = dict(handler_call_details.invocation_metadata).get(self._key, "")
         # constant time, so the token cannot be guessed byte by byte from response times
         if hmac.compare_digest(got.encode(), self._expected):
             return continuation(handler_call_details)

@@ -1,6 +1,6 @@
 """The tiny-shapes prompt-match reward: how well an image shows its caption ("a red circle on the left"), by a
 small CNN trained on ``tailorpo.tiny.shapes``' images by the same script as the tiny-shapes model
-(``tailorpo train-tiny-shapes``, ``tailorpo/tiny_shapes.py``).
+(``tailorpo train-tiny-shapes``, ``tailorpo/tiny/shapes_training.py``).
 
 score = log p(color | image) + log p(shape | image) + log p(position | image) for the prompt's three
 attributes: 0 when the classifier is sure the image matches, log(1/90) = -4.5 at chance, differentiable in
@@ -10,15 +10,12 @@ the pixels (TailorPO-G's guidance). A prompt outside the caption grammar is bad 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from tailorpo.rewards.weights import load_checked, read_checkpoint, resolve_file, seeded
-from tailorpo.prompts import SHAPE_COLORS, SHAPE_KINDS, SHAPE_POSITIONS
 from tailorpo.rewards.base import RewardInputError, TorchReward
 from tailorpo.rewards.images import resize_and_center_crop
-from tailorpo.tiny.shapes import IMAGE_SIZE, SHAPES_MODEL_DIR, scenes_of
+from tailorpo.rewards.weights import load_checked, read_checkpoint, resolve_file, seeded
 from tailorpo.tiny.shape_classifier import ShapeClassifier, attribute_log_probs
+from tailorpo.tiny.shapes import IMAGE_SIZE, SHAPES_MODEL_DIR, scenes_of
 
 DEFAULT_WEIGHTS = str(SHAPES_MODEL_DIR)
 WEIGHT_FILES = ("classifier/model.safetensors", "model.safetensors")  # in a tiny-shapes folder, or alone

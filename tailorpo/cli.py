@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tailorpo.config import PAIR_ALGORITHMS, ConfigError, load_config
+from tailorpo.config import ConfigError, load_config
+from tailorpo.rewards.catalogue import REWARD_NAMES
+from tailorpo.rewards.service import ServerConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,15 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     shapes_p.add_argument("dir", help="e.g. tailorpo/tiny/assets/tiny-shapes to regenerate the shipped model")
     shapes_p.add_argument("--seed", type=int, default=0)
     serve_p = sub.add_parser("serve-reward", help="serve a reward model over gRPC")
-    serve_p.add_argument("name", help="aesthetic, imagereward, pickscore, hpsv2, shapes, jpeg or colorfulness")
-    serve_p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    serve_p.add_argument("name", help=", ".join(REWARD_NAMES))
+    serve_p.add_argument("--host", default=ServerConfig.host, help="bind address (default loopback only)")
     serve_p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve_p.add_argument("--device", default="cpu")
     serve_p.add_argument("--weights", help="hub id or local path of the checkpoint (default: the published one)")
     serve_p.add_argument("--tiny", action="store_true", help="same architecture, small random weights (tests)")
-    serve_p.add_argument("--max-batch-size", type=int, default=16)
-    serve_p.add_argument("--max-wait-ms", type=float, default=5.0)
-    serve_p.add_argument("--max-queue", type=int, default=64)
+    serve_p.add_argument("--max-batch-size", type=int, default=ServerConfig.max_batch_size)
+    serve_p.add_argument("--max-wait-ms", type=float, default=ServerConfig.max_wait_ms)
+    serve_p.add_argument("--max-queue", type=int, default=ServerConfig.max_queue)
     serve_p.add_argument("--token-env", help="name of an environment variable holding the bearer token")
     serve_p.add_argument("--tls-cert")
     serve_p.add_argument("--tls-key")
@@ -106,7 +108,7 @@ def train(args: argparse.Namespace) -> int:
     from tailorpo.rewards import RewardInputError
     from tailorpo.training.loop import train as run  # heavy imports only once the config is known to be good
 
-    if cfg.algorithm.name in PAIR_ALGORITHMS and cfg.pairs.source:
+    if cfg.reads_offline_pairs:
         from tailorpo.training.pair_loop import train_pairs as run
     elif cfg.runtime.samplers:
         from tailorpo.runtime.driver import train_on_ray as run
@@ -125,7 +127,8 @@ def build_style_pairs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     cfg = load_config(args.config, args.overrides)
-    from tailorpo.training.pair_builders import RECIPES, build_style_pairs as build  # heavy: only with a good config
+    from tailorpo.training.pair_builders import RECIPES  # heavy: only with a good config
+    from tailorpo.training.pair_builders import build_style_pairs as build
 
     preferred, dispreferred = RECIPES[args.recipe]
     preferred = preferred if args.preferred_prefix is None else args.preferred_prefix
@@ -160,32 +163,25 @@ def sample_pairs(args: argparse.Namespace) -> int:
 
 
 def serve_reward(args: argparse.Namespace) -> int:
-    import os
+    from tailorpo.rewards.catalogue import SERVER, build_reward, resolve, reward_entry
+    from tailorpo.rewards.service import token_from_env
 
-    from reward_servers import SCORE_NOTES, load_reward_model
-    from reward_servers.server import ServerConfig, serve_forever
-
-    token = None
-    if args.token_env:
-        token = os.environ.get(args.token_env)
-        if not token:
-            print(f"error: --token-env {args.token_env}: that environment variable is empty or unset",
-                  file=sys.stderr)
-            return 2
     try:
         config = ServerConfig(
             host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-            max_queue=args.max_queue, token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
-            tls_client_ca=args.tls_client_ca,
+            max_queue=args.max_queue, token=token_from_env(args.token_env, "--token-env"), tls_cert=args.tls_cert,
+            tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         )
-        model = load_reward_model(args.name, args.weights, tiny=args.tiny, device=args.device)
+        score_notes = reward_entry(args.name, "serve-reward NAME").score_notes
+        serve_forever = resolve(SERVER, "serve-reward")
+        model = build_reward(args.name, args.weights, tiny=args.tiny, device=args.device, field="serve-reward NAME")
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.tls_cert:
         print(f"warning: --host {args.host} is reachable from other machines and TLS is off: images, scores "
               "and the token travel in plaintext; give --tls-cert and --tls-key", file=sys.stderr)
-    serve_forever(model, config, SCORE_NOTES.get(args.name, ""))
+    serve_forever(model, config, score_notes)
     return 0
 
 

@@ -9,6 +9,7 @@ values come from ddpo-pytorch's ``config/base.py`` (clip range 1e-4, advantage c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tailorpo.prompts import SIMPLE_ANIMALS
+from tailorpo.rewards.catalogue import REWARD_NAMES, reward_entry
+from tailorpo.rewards.service import (
+    BACKOFF_S,
+    MAX_BACKOFF_S,
+    RETRIES,
+    TIMEOUT_S,
+    ServerConfig,
+    check_client_tls,
+    check_server_tls,
+    retry_window_s,
+)
 
 
 class ConfigError(ValueError):
@@ -57,6 +69,34 @@ class GuidanceConfig(Section):
     through_unet: bool = Field(
         True, description="Differentiate x0_hat through the UNet (exact); False holds eps fixed (cheaper)."
     )
+    units: Literal["reward", "sigma"] = Field(
+        "reward", description="'reward': x^+ = x - eta_t grad (r_high - r)^2 (Eq. 14), a push that scales with the "
+        "reward; 'sigma': a push of sigma_fraction * sigma_t per latent dim along grad r, whatever the reward's "
+        "scale (eta_min, eta_max and delta unused)."
+    )
+    sigma_fraction: float = Field(
+        0.5, gt=0, description="With units='sigma': the push's per-dimension RMS as a fraction of the step's DDIM "
+        "std sigma_t (two sibling children lie about 1.4 sigma_t apart)."
+    )
+
+
+class BranchingConfig(Section):
+    """TailorPO's branch pairs. Defaults are the paper's; children, min_reward_gap and continue_from='random' follow
+    SPO (Liang et al., Step-aware Preference Optimization, arXiv 2406.04314); labels='random' is a control."""
+
+    children: int = Field(
+        2, ge=2, description="Children drawn from each x_t at a fine-tuned step; the pair is the best vs the worst "
+        "by the step-wise reward (each extra child costs one more UNet call and decode per prompt)."
+    )
+    min_reward_gap: float = Field(
+        0.0, ge=0, description="Pairs with |r_w - r_l| <= this are dropped from the loss, as ties are (0: only ties)."
+    )
+    continue_from: Literal["winner", "random"] = Field(
+        "winner", description="The next step's x_t: the pair's winner (the paper) or a uniformly random child (SPO)."
+    )
+    labels: Literal["reward", "random"] = Field(
+        "reward", description="'random' is a control: the winner of each pair is a fair coin flip, all else equal."
+    )
 
 
 class DDPOConfig(Section):
@@ -67,8 +107,36 @@ class DDPOConfig(Section):
     stat_min_count: int = Field(16, ge=1, description="Below this many, the batch's statistics are used.")
 
 
+@dataclass(frozen=True)
+class AlgorithmFacts:
+    """What validating a config must know of an algorithm, before any model library loads. How each one samples
+    and learns is ``tailorpo.algorithms.registry``, which builds its entries from these (a test pins both to the
+    same names): adding an algorithm is one module, one registry entry and its facts here."""
+
+    name: str
+    images_per_row: int = 1  # images sampled per row of sampling.batch_size (two per prompt: a ranked pair)
+    differentiable_reward: bool = False  # pushes the winner up the reward's gradient (TailorPO-G, Eq. 14)
+    pair_objective: bool = False  # on pairs of final images: from pairs.source (one process) or its own samples
+    batch_counts_images: bool = False  # sampling.batch_size counts images, algorithm.ddpo.samples_per_prompt a prompt
+
+
+ALGORITHM_FACTS: dict[str, AlgorithmFacts] = {
+    facts.name: facts
+    for facts in (
+        AlgorithmFacts("tailorpo"),
+        AlgorithmFacts("tailorpo_g", differentiable_reward=True),
+        AlgorithmFacts("d3po", images_per_row=2),
+        AlgorithmFacts("ddpo", batch_counts_images=True),
+        AlgorithmFacts("diffusion_dpo", images_per_row=2, pair_objective=True),
+        AlgorithmFacts("mapo", images_per_row=2, pair_objective=True),
+        AlgorithmFacts("diff_contrast", images_per_row=2, pair_objective=True),
+    )
+}
+ALGORITHM_NAMES = tuple(ALGORITHM_FACTS)
+
+
 class AlgorithmConfig(Section):
-    name: Literal["tailorpo", "tailorpo_g", "d3po", "ddpo", "diffusion_dpo", "mapo", "diff_contrast"] = Field(
+    name: Literal[ALGORITHM_NAMES] = Field(
         "tailorpo", description="Step-wise or trajectory objectives: tailorpo, tailorpo_g, d3po, ddpo. On pairs "
         "of final images: diffusion_dpo, mapo, diff_contrast, from pairs.source (offline) or, without it, from "
         "the policy's own samples (two per prompt ranked by the reward)."
@@ -83,7 +151,12 @@ class AlgorithmConfig(Section):
         0.1, gt=0, lt=1, description="Clamp pi/pi_ref to [1-c, 1+c] as D3PO does; null disables."
     )
     guidance: GuidanceConfig = GuidanceConfig()
+    branching: BranchingConfig = BranchingConfig()
     ddpo: DDPOConfig = DDPOConfig()
+
+    @property
+    def facts(self) -> AlgorithmFacts:
+        return ALGORITHM_FACTS[self.name]
 
 
 class LoraSettings(Section):
@@ -116,14 +189,12 @@ class RewardServerConfig(Section):
 
 
 class LaunchedRewardServer(Section):
-    name: str = Field(
-        description="Servable reward: aesthetic, imagereward, pickscore, hpsv2, shapes, jpeg, colorfulness."
-    )
+    name: str = Field(description=f"Servable reward: {', '.join(REWARD_NAMES)}.")
     weights: str | None = Field(None, description="Hub id or path of the checkpoint (default: the published one).")
     tiny: bool = Field(False, description="Tiny random weights of the same architecture (tests).")
     device: str = "cpu"
     weight: float = Field(1.0, description="Weight in the sum of all rewards.")
-    host: str = Field("127.0.0.1", description="Bind address; samplers on other nodes need a reachable one.")
+    host: str = Field(ServerConfig.host, description="Bind address; samplers on other nodes need a reachable one.")
     resources: ActorResources = Field(ActorResources(), description="Where the server's owner actor is placed.")
     tls_cert: str | None = Field(None, description="Server certificate (PEM) on the server's node; with tls_key.")
     tls_key: str | None = Field(None, description="Its private key (PEM). Clients verify it with reward.tls_ca.")
@@ -133,11 +204,10 @@ class LaunchedRewardServer(Section):
     )
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> LaunchedRewardServer:
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("tls_cert and tls_key: give both (TLS) or neither (plaintext)")
-        if self.tls_client_ca and not self.tls_cert:
-            raise ValueError("tls_client_ca (mutual TLS) needs the server's own tls_cert and tls_key")
+    def _servable(self) -> LaunchedRewardServer:
+        """At load, not when the Ray job starts the server."""
+        reward_entry(self.name, "name")
+        check_server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
         return self
 
 
@@ -152,10 +222,11 @@ class RewardConfig(Section):
     launch: list[LaunchedRewardServer] = Field(
         [], description="Reward servers the Ray job starts as actors (runtime.samplers > 0), added to servers."
     )
-    timeout_s: float = Field(60.0, gt=0, description="Deadline of one Score call.")
+    timeout_s: float = Field(TIMEOUT_S, gt=0, description="Deadline of one Score call.")
     retries: int = Field(
-        8, ge=0, description="Retries on UNAVAILABLE / busy, each to the next address, backing off 0.2 s doubling "
-        "to 10 s (8: ~30 s, time for a launched server to restart)."
+        RETRIES, ge=0, description=f"Retries on UNAVAILABLE / busy, each to the next address, backing off "
+        f"{BACKOFF_S:g} s doubling to {MAX_BACKOFF_S:g} s ({RETRIES}: ~{retry_window_s():.0f} s, time for a launched "
+        "server to restart)."
     )
     token_env: str | None = Field(None, description="Environment variable holding the servers' bearer token.")
     tls_ca: str | None = Field(None, description="CA certificate (PEM) to verify TLS servers; null: plaintext.")
@@ -167,10 +238,7 @@ class RewardConfig(Section):
     @model_validator(mode="after")
     def _client_tls(self) -> RewardConfig:
         """Fails at load what would otherwise fail at the first connection, after the models loaded."""
-        if bool(self.tls_client_cert) != bool(self.tls_client_key):
-            raise ValueError("tls_client_cert and tls_client_key: give both (mutual TLS) or neither")
-        if self.tls_client_cert and not self.tls_ca:
-            raise ValueError("tls_client_cert: a client certificate is only sent over TLS; set reward.tls_ca")
+        check_client_tls(self.tls_ca, self.tls_client_cert, self.tls_client_key)
         if any(s.tls_client_ca for s in self.launch) and not self.tls_client_cert:
             raise ValueError("launch: a server with tls_client_ca accepts only clients with a certificate; "
                              "set reward.tls_client_cert and tls_client_key")
@@ -187,8 +255,8 @@ class EvalConfig(Section):
         8, ge=1, description="Images sampled and scored at a time; base and LoRA share the noise of each batch."
     )
     every: int = Field(
-        0, ge=0, description="Also every N optimizer updates: eval reward to TensorBoard and an image grid in "
-        "output_dir/eval (0: only base vs trained at the end)."
+        0, ge=0, description="Also every N optimizer updates (train.checkpoint_every's unit): eval reward to "
+        "TensorBoard and an image grid in output_dir/eval (0: only base vs trained at the end)."
     )
 
 
@@ -199,9 +267,14 @@ class LogConfig(Section):
 
 class TrainConfig(Section):
     total_samples: int = Field(10_000, ge=1, description="Trajectories sampled in the whole run.")
-    save_every: int = Field(0, ge=0, description="Save the LoRA every N iterations (0: only at the end).")
+    save_every: int = Field(
+        0, ge=0, description="Save the LoRA to output_dir/lora every N iterations, in one process and on Ray alike "
+        "(an iteration: a rollout from each sampler, or a batch of pairs.source pairs; 0: only at the end)."
+    )
     checkpoint_every: int = Field(
-        0, ge=0, description="Write a resumable checkpoint every N optimizer updates (0: never)."
+        0, ge=0, description="Write a resumable checkpoint every N optimizer updates (an update: "
+        "optim.gradient_accumulation_steps rollouts or pair batches; on Ray an iteration trains on one rollout per "
+        "sampler; 0: never)."
     )
 
 
@@ -224,9 +297,6 @@ class RuntimeConfig(Section):
     )
 
 
-PAIR_ALGORITHMS = ("diffusion_dpo", "mapo", "diff_contrast")  # pairs of final images: pairs.source or own samples
-
-
 class MapoConfig(Section):
     beta_mapo: float = Field(0.1, gt=0, description="Weight of the margin term (mapo-t2i/mapo args.py default 0.1).")
     snr_value: float = Field(0.5, gt=0, description="s in g(e) = s e / (exp(s e) - 1) (public default 0.5).")
@@ -235,7 +305,7 @@ class MapoConfig(Section):
 class DiffContrastConfig(Section):
     tau: float = Field(
         0.01, gt=0, description="Temperature of the in-batch weights W: 0.01 for human-preference alignment on "
-        "SD1.5 (seed 003); 0.5-5 for style alignment."
+        "SD1.5 (Diff-contrast Table 1; Diffusion-RPO, arXiv 2406.06382); 0.5-5 for style alignment."
     )
     clip_model: str = Field(
         "openai/clip-vit-large-patch14",
@@ -292,11 +362,13 @@ class Config(Section):
     pairs: PairsConfig = PairsConfig()
     prompts: list[str] = Field(SIMPLE_ANIMALS, min_length=1, description="Training prompts, drawn uniformly.")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "Config":
-        from reward_servers import SERVABLE
-        from tailorpo.rewards import is_differentiable
+    @property
+    def reads_offline_pairs(self) -> bool:
+        """A pair objective with pairs.source: it reads its pairs in one process (``training.pair_loop``)."""
+        return self.algorithm.facts.pair_objective and bool(self.pairs.source)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
         problems = []
         steps = self.algorithm.fine_tuned_steps
         bad_steps = [k for k in steps if not 1 <= k <= self.sampling.num_steps]
@@ -310,23 +382,26 @@ class Config(Section):
         if self.reward.launch and not self.runtime.samplers:
             problems.append("reward.launch: servers are started as Ray actors; set runtime.samplers > 0, or start "
                             "them with `tailorpo serve-reward` and list them in reward.servers")
-        if self.reward.servers or self.reward.launch:
-            pass  # whether a server's reward is differentiable is known once it answers Info
-        elif self.reward.name not in SERVABLE:
-            problems.append(f"reward.name: {self.reward.name!r} is unknown; choose one of {SERVABLE}")
-        elif self.algorithm.name == "tailorpo_g" and not is_differentiable(self.reward.name):
-            problems.append(
-                f"algorithm.name: 'tailorpo_g' needs a differentiable reward, and reward.name="
-                f"{self.reward.name!r} is not; use algorithm.name=tailorpo or a differentiable reward"
-            )
+        if not (self.reward.servers or self.reward.launch):  # a server's reward: known once it answers Info
+            try:
+                differentiable = reward_entry(self.reward.name).differentiable
+            except ValueError as err:
+                problems.append(str(err))
+            else:
+                if self.algorithm.facts.differentiable_reward and not differentiable:
+                    problems.append(
+                        f"algorithm.name: {self.algorithm.name!r} needs a differentiable reward, and reward.name="
+                        f"{self.reward.name!r} is not; use algorithm.name=tailorpo or a differentiable reward"
+                    )
         if self.algorithm.guidance.eta_min > self.algorithm.guidance.eta_max:
             problems.append("algorithm.guidance.eta_min: must not exceed eta_max")
-        if self.algorithm.name == "ddpo" and self.sampling.batch_size % self.algorithm.ddpo.samples_per_prompt:
+        per_prompt = self.algorithm.ddpo.samples_per_prompt
+        if self.algorithm.facts.batch_counts_images and self.sampling.batch_size % per_prompt:
             problems.append(
                 "sampling.batch_size: must be a multiple of algorithm.ddpo.samples_per_prompt "
-                f"({self.sampling.batch_size} vs {self.algorithm.ddpo.samples_per_prompt})"
+                f"({self.sampling.batch_size} vs {per_prompt})"
             )
-        if self.algorithm.name in PAIR_ALGORITHMS and self.pairs.source and self.runtime.samplers:
+        if self.reads_offline_pairs and self.runtime.samplers:
             problems.append(
                 f"runtime.samplers: algorithm.name={self.algorithm.name!r} with pairs.source reads its pairs in one "
                 "process (there is nothing to sample); set runtime.samplers=0 (under `ray job submit`, place the "

@@ -1,13 +1,9 @@
 """Prompt sets. ``SIMPLE_ANIMALS`` is the animal-name list of DDPO's ``simple_animals`` prompt function
 (ddpo-pytorch ``assets/simple_animals.txt``), which D3PO and the TailorPO paper train on."""
 
-SIMPLE_ANIMALS: list[str] = """
-cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox wolf lizard
-beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog chicken duck goose bee pig
-turkey fly llama camel bat gorilla hedgehog kangaroo snail hippopotamus cheetah crocodile lobster octopus
-""".split()
+SIMPLE_ANIMALS: list[str] = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark", "whale", "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig", "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo", "snail", "hippopotamus", "cheetah", "crocodile", "lobster", "octopus"]  # noqa: E501
 
-# The tiny-shapes model's captions (tailorpo/shapes.py draws them): one shape of a color at a position,
+# The tiny-shapes model's captions (tailorpo/tiny/shapes.py draws them): one shape of a color at a position,
 # "a red circle on the left". SHAPE_HELD_OUT are combinations the model never saw in pretraining, though each
 # of their words and each pair of their attributes did occur (color = (shape + position) mod 6, a Latin-square
 # rule, so each (shape, position), (color, shape) and (color, position) pair loses at most one combination):

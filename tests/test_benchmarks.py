@@ -3,20 +3,18 @@ real benchmark through it in quick mode."""
 
 from __future__ import annotations
 
+import ast
 import math
-import sys
 from pathlib import Path
 
 import pytest
+import run_all  # benchmarks/ is on pytest's pythonpath (pyproject.toml), as it is first on sys.path for a script
+import torch
 import yaml
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR))
-try:
-    import run_all
-    from figures import Figure, read_figures, write_figures
-finally:
-    sys.path.remove(str(BENCH_DIR))
+from common import Figure, MiB, peak_memory_growth, read_figures, write_figures
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_rows_and_markdown_name_each_benchmark_once_and_show_failures():
@@ -48,6 +46,27 @@ def test_figures_round_trip_through_json_and_show_nan(tmp_path):
     assert [f.shown() for f in figures] == ["0.50", "nan"]
 
 
+def test_benchmarks_share_helpers_only_through_common():
+    """A benchmark importing another benchmark's names ties the two together; shared helpers go in common.py."""
+    scripts = {path.stem: path for path in (ROOT / "benchmarks").glob("*.py")}
+    assert "common" in scripts and set(run_all.BENCHMARKS) < set(scripts)
+    for name, path in scripts.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        assert not imported & (set(scripts) - {"common"}), (name, imported & set(scripts))
+
+
+def test_peak_memory_growth_sees_a_block_allocation_on_cpu():
+    with peak_memory_growth(torch.device("cpu")) as growth:
+        block = torch.ones(64 * MiB // 4)  # 64 MiB of float32, touched
+        del block
+    assert growth.bytes >= 60 * MiB and growth.kind.startswith("CPU peak RSS")
+
+
 @pytest.mark.parametrize(
     ("source", "timeout_s", "error"),
     [
@@ -66,7 +85,7 @@ def test_a_crashing_silent_or_hung_benchmark_is_failed_with_its_error(tmp_path, 
 
 @pytest.mark.slow
 def test_quick_run_all_tables_iteration_cost_with_finite_figures(tmp_path):
-    cfg = yaml.safe_load((BENCH_DIR.parent / "launch" / "tiny.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "launch" / "tiny.yaml").read_text())
     cfg["sampling"]["num_steps"], cfg["algorithm"]["fine_tuned_steps"] = 4, [4, 2]  # a shorter chain: cheaper
     (tmp_path / "short.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "table.md"

@@ -14,7 +14,7 @@ def test_launch_configs_are_valid():
         "runwayml/stable-diffusion-v1-5", 512, 10_000)
     assert paper.sampling.batch_size == 2 and paper.runtime.samplers >= 1
     assert paper.reward.launch[0].name == "aesthetic" and paper.reward.launch[0].resources.num_gpus == 1
-    # the offline pair objectives: one YAML each, on real hub ids, with the spec's hyper-parameters
+    # the offline pair objectives: one YAML each, on real hub ids, with their papers' / public scripts' settings
     names = ("dpo_sd15", "diff_contrast_sd15", "mapo_sdxl")
     dpo, contrast, mapo = (load_config(f"launch/{name}.yaml") for name in names)
     assert [c.algorithm.name for c in (dpo, contrast, mapo)] == ["diffusion_dpo", "diff_contrast", "mapo"]
@@ -49,12 +49,14 @@ def test_overrides_are_typed():
         (["algorithm.fine_tuned_steps=[25]"], "algorithm.fine_tuned_steps: [25] not in 1..sampling.num_steps=20"),
         (["algorithm.name=tailorpo_g"], "'tailorpo_g' needs a differentiable reward"),
         (["algorithm.fine_tuned_steps=[20, 20]"], "repeats a step"),
-        (["reward.name=aesthetics"], "reward.name: 'aesthetics' is unknown"),
+        (["reward.name=aesthetics"], "reward.name: unknown reward 'aesthetics'; choose one of aesthetic, "),
+        (["runtime.samplers=1", "reward.launch=[{name: aesthetics}]"],
+         "reward.launch.0: name: unknown reward 'aesthetics'"),
         (["optim.lr"], "expected KEY=VALUE"),
         (["optim.lr.x=1"], "'lr' is a value, not a section"),
         (["runtime.samplers=1", "reward.launch=[{name: jpeg, tls_cert: c.pem}]"], "tls_cert and tls_key: give both"),
         (["reward.tls_client_cert=c.pem"], "tls_client_cert and tls_client_key: give both"),
-        (["reward.tls_client_cert=c.pem", "reward.tls_client_key=c.key"], "only sent over TLS; set reward.tls_ca"),
+        (["reward.tls_client_cert=c.pem", "reward.tls_client_key=c.key"], "only sent over TLS; set tls_ca"),
         (["runtime.samplers=1", "reward.launch=[{name: jpeg, tls_client_ca: ca.pem}]"],
          "tls_client_ca (mutual TLS) needs the server's own tls_cert"),
         (["runtime.samplers=1", "reward.tls_ca=s.pem",

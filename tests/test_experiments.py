@@ -9,30 +9,19 @@ import sys
 import pytest
 import torch
 
+from experiments import paper_sd15
+from experiments.claims.cli import main
+from experiments.claims.curves import CurvePoint
+from experiments.claims.files import read_csv, write_csv
+from experiments.claims.generalization import GeneralizationRow, generalization_markdown, held_out_prompts
+from experiments.claims.guidance import final_rewards_on_shared_noise
+from experiments.claims.lora_steps import LORA_STEP_SETS, final_rewards_with_lora_at
+from experiments.claims.runs import launched_rewards, run_config, same_run, samples_per_update, with_overrides
+from experiments.claims.stats import order_disagreement, seed_band, success_rates
 from tailorpo.config import ConfigError, load_config
-from tailorpo.paper_claims import (
-    LORA_STEP_SETS,
-    CurvePoint,
-    GeneralizationRow,
-    generalization_markdown,
-    held_out_prompts,
-    launched_rewards,
-    final_rewards_on_shared_noise,
-    final_rewards_with_lora_at,
-    main,
-    order_disagreement,
-    read_csv,
-    run_config,
-    same_run,
-    samples_per_update,
-    seed_band,
-    success_rates,
-    with_overrides,
-    write_csv,
-)
+from tailorpo.diffusion.lora import reference_model
 from tailorpo.prompts import SHAPE_HELD_OUT
 from tailorpo.rewards.colorfulness import Colorfulness
-from tailorpo.diffusion.lora import reference_model
 from tailorpo.rewards.jpeg import JpegCompressibility
 from tests.conftest import fresh_policy, perturb_lora
 
@@ -54,6 +43,58 @@ def test_continuations_on_shared_noise_differ_only_by_their_start(tiny_pipe):
     policy.initial_latents(2, generator)
     (alone,) = final_rewards_on_shared_noise(policy, reward, [x], embeds, prompts, generator, start)
     assert torch.equal(alone, same) and torch.equal(generator.get_state(), after_three)
+
+
+def test_a_chain_cut_at_x_k_and_continued_is_the_whole_chain(tiny_pipe):
+    """Fig. 2's branches stop the library's DDIM chain at x_k and continue it: on the same noise stream the two
+    halves make the uncut chain, and trajectory_rollout (which records on the same loop) ends in that x_0."""
+    from tailorpo.algorithms.rollouts import denoise, trajectory_rollout
+
+    policy = fresh_policy(tiny_pipe)
+    embeds = policy.encode_prompts(["a cat", "a dog"])
+
+    def generator():
+        return torch.Generator().manual_seed(5)
+
+    gen = generator()
+    whole = denoise(policy, policy.initial_latents(2, gen), embeds, gen)
+    gen = generator()
+    x_k = denoise(policy, policy.initial_latents(2, gen), embeds, gen, 0, 7)
+    torch.testing.assert_close(denoise(policy, x_k, embeds, gen, 7), whole, rtol=0, atol=1e-6)
+    traj = trajectory_rollout(policy, embeds, generator(), [policy.num_steps - 7])
+    torch.testing.assert_close(traj.images, policy.decode(whole), rtol=0, atol=1e-6)
+    assert [int(s["step"][0]) for s in traj.steps] == [7]
+    torch.testing.assert_close(traj.steps[0]["x_t"], x_k, rtol=0, atol=1e-6)
+
+
+def test_step_rewards_are_measured_for_any_reward_with_the_samplers_function(tiny_pipe):
+    """Fig. 2 scores x0_hat(x_{t-1}) with the sampler's step_reward_fn without gradients: the guided function's
+    values for a differentiable reward, and a non-differentiable one (jpeg) works too."""
+    from tailorpo.algorithms.branching import step_reward_fn
+
+    policy = fresh_policy(tiny_pipe)
+    prompts = ["a cat", "a dog"]
+    embeds = policy.encode_prompts(prompts)
+    x = policy.initial_latents(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i in (3, policy.num_steps - 1):  # an x0_hat, and x_0 itself after the last step
+            measured = step_reward_fn(policy, Colorfulness(), i, embeds, prompts, differentiable=False)(x)
+            guided = step_reward_fn(policy, Colorfulness(), i, embeds, prompts)(x)
+            torch.testing.assert_close(measured, guided)
+        jpeg = step_reward_fn(policy, JpegCompressibility(), 3, embeds, prompts, differentiable=False)(x)
+    assert jpeg.shape == (2,) and torch.isfinite(jpeg).all()
+
+
+def test_the_script_runs_the_experiments_package(tmp_path):
+    """``python experiments/paper_claims.py`` (as README and docs/results.md run it) reaches experiments/claims:
+    a merge of one folder's Table 3 rewrites its markdown."""
+    source = tmp_path / "aesthetic"
+    source.mkdir()
+    write_csv(source / "table3_generalization.csv", [GeneralizationRow("base", "aesthetic", 2, 4, 0, 5.5, 0.0, 0.5)])
+    done = subprocess.run([sys.executable, "experiments/paper_claims.py", "merge", "--out", str(tmp_path / "merged"),
+                           "--from", str(source)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| base model | 5.5000 |" in (tmp_path / "merged" / "table3_generalization.md").read_text()
 
 
 def test_a_lora_switched_on_at_some_steps_is_the_base_model_elsewhere(tiny_pipe):
@@ -131,7 +172,7 @@ def test_finished_runs_are_reused_whatever_port_their_reward_server_had():
 
 def test_launched_reward_servers_run_as_local_processes_for_the_experiments():
     """A Ray-style config (reward.launch) works in one process: its servers start here and stop after."""
-    from tailorpo.training.loop import build_reward_model
+    from tailorpo.training.build import build_reward_model
 
     cfg = load_config("launch/tiny.yaml", ["runtime.samplers=1", "reward.launch=[{name: jpeg}]"])
     with launched_rewards(cfg) as local:
@@ -174,11 +215,6 @@ def test_table3_rows_round_trip_and_merge_into_the_papers_layout(tmp_path):
 
 
 def test_gpu_recipe_configs_load_and_it_stops_without_a_gpu(tmp_path):
-    sys.path.insert(0, "experiments")
-    try:
-        import paper_sd15
-    finally:
-        sys.path.remove("experiments")
     for reward in paper_sd15.TABLE3_REWARDS:
         cfg = load_config(paper_sd15.CONFIG, paper_sd15.reward_overrides(reward, "127.0.0.1:50051"))
         assert cfg.model.pretrained == "runwayml/stable-diffusion-v1-5" and cfg.model.resolution == 512

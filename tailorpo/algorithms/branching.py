@@ -5,19 +5,26 @@ At a fine-tuned step k (x_k -> x_{k-1}) with x_t = x_k:
     r_t(c, x^i_{t-1}) = r(c, decode(x0_hat(x^i_{t-1})))             (Eq. 12; one batched UNet call at t-1)
     x^w, x^l = the higher / lower;  TailorPO-G: x^w <- x^+ (Eq. 14)
 and the chain continues from x^w, whose UNet output at t-1 is the next step's eps (never recomputed).
+
+``BranchingConfig`` generalises this as SPO does (Liang et al., Step-aware Preference Optimization,
+arXiv 2406.04314): n >= 2 children with the pair best vs worst, pairs within a reward gap dropped, and the
+chain continued from a random child; and it offers a random-label control (winner = coin flip).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
-from tailorpo.core.guidance import guide
+from tailorpo.algorithms.rollouts import Rollout, stack_pairs
+from tailorpo.config import BranchingConfig, GuidanceConfig
+from tailorpo.core.ddim import ddim_sigma
+from tailorpo.core.guidance import cosine_eta_schedule, guide, guide_in_sigma_units
+from tailorpo.core.ranking import best_and_worst, gap_is_valid, pick
 from tailorpo.diffusion.policy import DiffusionPolicy, PromptEmbeds
 from tailorpo.rewards import RewardModel, differentiable_reward
-from tailorpo.algorithms.rollouts import Rollout, stack_pairs
-from tailorpo.core.ranking import order_by_winner, select_winner
 
 
 def sample_children(
@@ -40,18 +47,48 @@ def step_reward_fn(
     embeds: PromptEmbeds,
     prompts: list[str],
     fixed_eps: torch.Tensor | None = None,
+    differentiable: bool = True,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """r_t(c, x_{t-1}) = r(c, decode(x0_hat(x_{t-1}))) as a differentiable function of x_{t-1} (Eq. 12).
 
     With ``fixed_eps`` the UNet output is held constant (d x0_hat / d x = 1/sqrt(alpha_bar)); otherwise the
-    UNet at the next timestep is differentiated too."""
+    UNet at the next timestep is differentiated too. ``differentiable=False`` scores with ``reward.score``
+    alone, so that any reward can be measured, including one without gradients (nothing is guided then)."""
     last = step_index + 1 == policy.num_steps
 
     def r_t(x: torch.Tensor) -> torch.Tensor:
         eps = None if last else (fixed_eps if fixed_eps is not None else policy.eps(x, step_index + 1, embeds))
-        return differentiable_reward(reward, policy.decode(policy.predict_x0_after(step_index, x, eps)), prompts)
+        images = policy.decode(policy.predict_x0_after(step_index, x, eps))
+        if differentiable:
+            return differentiable_reward(reward, images, prompts)
+        return reward.score(images, prompts).scores.to(x.device)
 
     return r_t
+
+
+def guidance_schedule(guidance: GuidanceConfig, fine_tuned_steps: list[int]) -> dict[int, float]:
+    """TailorPO-G's step size per fine-tuned step k: eta_t on the paper's cosine ramp (units 'reward') or the
+    fraction of sigma_t (units 'sigma'), as ``tailorpo_rollout``'s ``guidance_eta``."""
+    if guidance.units == "sigma":
+        return dict.fromkeys(fine_tuned_steps, guidance.sigma_fraction)
+    return cosine_eta_schedule(fine_tuned_steps, guidance.eta_min, guidance.eta_max)
+
+
+def uniform_index(n: int, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(batch,) uniform draws from 0..n-1 on the generator's own device, as ``DiffusionPolicy.noise`` draws."""
+    return torch.randint(n, (batch,), generator=generator, device=generator.device).to(device)
+
+
+def branch_pair(
+    scores: torch.Tensor, labels: str, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(winner, loser) child index per column of (n, B) scores: best vs worst (labels 'reward'), or that same
+    pair with the winner a fair coin flip (labels 'random': a control that carries no reward information)."""
+    best, worst = best_and_worst(scores)
+    if labels == "reward":
+        return best, worst
+    flip = uniform_index(2, scores.shape[1], generator, scores.device).bool()
+    return torch.where(flip, worst, best), torch.where(flip, best, worst)
 
 
 @torch.no_grad()
@@ -64,8 +101,16 @@ def tailorpo_rollout(
     guidance_eta: dict[int, float] | None = None,
     guidance_delta: float = 0.5,
     guidance_through_unet: bool = True,
+    guidance_units: Literal["reward", "sigma"] = "reward",
+    branching: BranchingConfig | None = None,
 ) -> Rollout:
-    """TailorPO (and TailorPO-G when ``guidance_eta`` maps each fine-tuned step k to eta_t)."""
+    """TailorPO (and TailorPO-G when ``guidance_eta`` maps each fine-tuned step k to eta_t, or with
+    ``guidance_units='sigma'`` to the fraction of sigma_t the winner moves; see ``guidance_schedule``).
+
+    Per branching step the generator draws the children's noise, then the coin flips of labels='random', then
+    the child to continue from with continue_from='random'; the defaults draw only the noise."""
+    if branching is None:
+        branching = BranchingConfig()  # the paper's: two children, the winner continues
     embeds = policy.encode_prompts(prompts)
     batch = len(prompts)
     x = policy.initial_latents(batch, generator)
@@ -79,26 +124,40 @@ def tailorpo_rollout(
             x = policy.step(i, eps, x, noise=policy.noise(x.shape, generator)).prev_sample
             eps = None if last else policy.eps(x, i + 1, embeds)
             continue
-        children = sample_children(policy, i, eps, x, generator).flatten(0, 1)  # (2B, C, h, w)
-        eps_children = None if last else policy.eps(children, i + 1, embeds.repeat(2))
-        images = policy.decode(policy.predict_x0_after(i, children, eps_children))
-        scores = reward.score(images, prompts * 2).scores.to(x.device)
-        winner_is_1, tie = select_winner(scores[:batch], scores[batch:])
-        x_w, x_l = order_by_winner(winner_is_1, children[:batch], children[batch:])
-        r_w, r_l = order_by_winner(winner_is_1, scores[:batch], scores[batch:])
-        eps_w = None if last else order_by_winner(winner_is_1, eps_children[:batch], eps_children[batch:])[0]
+        n = branching.children
+        children = sample_children(policy, i, eps, x, generator, n)  # (n, B, C, h, w)
+        flat = children.flatten(0, 1)
+        eps_flat = None if last else policy.eps(flat, i + 1, embeds.repeat(n))
+        images = policy.decode(policy.predict_x0_after(i, flat, eps_flat)).unflatten(0, (n, batch))
+        scores = reward.score(images.flatten(0, 1), prompts * n).scores.to(x.device).view(n, batch)
+        eps_children = None if last else eps_flat.unflatten(0, (n, batch))
+        w, l = branch_pair(scores, branching.labels, generator)
+        x_w, x_l, r_w, r_l = pick(children, w), pick(children, l), pick(scores, w), pick(scores, l)
+        eps_w = None if last else pick(eps_children, w)
         if guidance_eta is not None:
             fixed = None if guidance_through_unet else eps_w
             r_t = step_reward_fn(policy, reward, i, embeds, prompts, fixed)
-            x_w, _ = guide(x_w, r_t, guidance_eta[k], guidance_delta, increase=True)
+            if guidance_units == "sigma":
+                sigma = ddim_sigma(*policy.alphas[i], policy.eta)
+                x_w, _ = guide_in_sigma_units(x_w, r_t, sigma, guidance_eta[k], increase=True)
+            else:
+                x_w, _ = guide(x_w, r_t, guidance_eta[k], guidance_delta, increase=True)
             eps_w = None if last else policy.eps(x_w, i + 1, embeds)  # x^+ moved: its eps is new
-        elif last:  # the winner is x_0: its image and reward are known, never decode twice
-            final = (order_by_winner(winner_is_1, images[:batch], images[batch:])[0], r_w)
         index = torch.full((batch,), i, device=x.device)
-        rows.append(dict(step=index, x_t=x, x_w=x_w, x_l=x_l, r_w=r_w, r_l=r_l, valid=~tie))
-        x, eps = x_w, eps_w
+        valid = gap_is_valid(r_w, r_l, branching.min_reward_gap)
+        rows.append({"step": index, "x_t": x, "x_w": x_w, "x_l": x_l, "r_w": r_w, "r_l": r_l, "valid": valid})
+        if branching.continue_from == "winner":
+            nxt, x, eps = w, x_w, eps_w
+        else:  # SPO: a uniformly random child, the winner as guidance left it
+            nxt = uniform_index(n, batch, generator, x.device)
+            stays = (nxt == w).view(-1, *([1] * (x.ndim - 1)))
+            x = torch.where(stays, x_w, pick(children, nxt))
+            eps = None if last else torch.where(stays, eps_w, pick(eps_children, nxt))
+        if last and guidance_eta is None:  # the child is x_0: its image and reward are known, never decode twice
+            final = (pick(images, nxt), pick(scores, nxt))
     if final is None:
         images = policy.decode(x)
         final = (images, reward.score(images, prompts).scores.to(x.device))
     pairs = stack_pairs(rows, batch, shared_parent=True)
-    return Rollout(prompts, final[0], final[1], pairs, {"ties": float((~pairs.valid).sum())})
+    ties = float((pairs.reward_w == pairs.reward_l).sum())
+    return Rollout(prompts, final[0], final[1], pairs, {"ties": ties})

@@ -7,19 +7,21 @@ Per fine-tuned step the batch shares one timestep, so each group costs one batch
 - DDPO: one trainable forward; the old log-prob was stored at sampling time, no reference.
 
 ``LoraLearner`` holds what every learner shares, online or offline (``pair_learner.PairLearner``): AdamW on the
-UNet's LoRA, gradient accumulation, clipping and the update count that checkpoints and the driver read.
+UNet's LoRA, gradient accumulation, clipping, the update count that checkpoints and the driver read, and the one
+method the loops call, ``train_on(rollout or pair batch, noise)``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from tailorpo.algorithms.rollouts import PolicySteps, PreferencePairs, Rollout, select_rows
 from tailorpo.config import AlgorithmConfig, OptimConfig
 from tailorpo.core.ddim import gaussian_log_prob
-from tailorpo.diffusion.lora import lora_parameters, reference_model
 from tailorpo.core.objectives import ddpo_loss, dpo_logits, preference_accuracy, step_dpo_loss
+from tailorpo.diffusion.lora import lora_parameters, reference_model
 from tailorpo.diffusion.policy import DiffusionPolicy, PromptEmbeds
-from tailorpo.algorithms.rollouts import PolicySteps, PreferencePairs, Rollout, select_rows
+from tailorpo.pairs.data import PairBatch
 
 
 class LoraLearner:
@@ -52,6 +54,15 @@ class LoraLearner:
         if self.pending_iterations < self.optim_cfg.gradient_accumulation_steps:
             return {}
         return {"grad_norm": self.apply_gradients()}
+
+    def train_on(self, data: Rollout | PairBatch, noise: torch.Generator | None = None) -> dict[str, float]:
+        """Accumulate one iteration's gradients (stepping the optimizer when ``gradient_accumulation_steps``
+        are in) and return the scalars to log. ``noise``: the generator of the learner's own random draws, for
+        data that do not seed them themselves (a batch read from pairs.source)."""
+        raise NotImplementedError
+
+    def persist(self) -> None:
+        """Write what a checkpoint must not refer to in memory only (nothing, unless the objective caches)."""
 
     def apply_gradients(self) -> float:
         """Clip and apply the accumulated gradients (also called at the end of a run, so none is lost)."""
@@ -108,9 +119,10 @@ class Learner(LoraLearner):
         ratio = torch.exp(log_prob.detach() - data.old_log_prob)
         return loss, {"clipped": (ratio - 1).abs() > self.algorithm.ddpo.clip_range}
 
-    def train_on(self, rollout: Rollout) -> dict[str, float]:
+    def train_on(self, rollout: Rollout, noise: torch.Generator | None = None) -> dict[str, float]:
         """Accumulate the rollout's gradients, one fine-tuned step at a time; step the optimizer every
-        ``gradient_accumulation_steps`` rollouts. Ties are dropped before any forward."""
+        ``gradient_accumulation_steps`` rollouts. Ties are dropped before any forward; nothing is drawn, so
+        ``noise`` is unused."""
         data = rollout.data
         if isinstance(data, PreferencePairs):
             data = select_rows(data, data.valid)

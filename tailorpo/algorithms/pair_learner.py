@@ -8,26 +8,27 @@ One step on B pairs (prompt, x_0^w, x_0^l), as diffusers' Diffusion-DPO and mapo
     e = mean (eps_theta(x_t, t, c) - eps*)^2                   ONE trainable UNet call on the 2B rows
     e_ref = the same with the LoRA disabled, no grad           Diffusion-DPO and Diff-contrast only
 
-then the loss of ``objectives.py``. MaPO is reference-free: it never runs the reference forward and never
+then the objective's loss (a ``PairObjective``: MAPO, DIFFUSION_DPO, DIFF_CONTRAST, on ``objectives.py``'s
+math). MaPO is reference-free: it never runs the reference forward and never
 toggles the adapter, which is its whole saving over Diffusion-DPO (one UNet forward per step instead of two).
 Gradient accumulation, clipping and AdamW are ``LoraLearner``'s, shared with the online learner.
 
-The pairs come from ``pairs.source`` (``pair_trainer``) or from the policy's own samples, two per prompt ranked by
-the reward (``rollouts.final_image_pair_rollout``), which the online trainer and the Ray runtime feed in as
-rollouts (``train_on_rollout``).
+The pairs come from ``pairs.source`` (``training.pair_loop``) or from the policy's own samples, two per prompt
+ranked by the reward (``rollouts.final_image_pair_rollout``), which the online loop and the Ray runtime feed to
+the same ``train_on`` as rollouts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from tailorpo.config import Config, OptimConfig, PairsConfig
 from tailorpo.algorithms.learner import LoraLearner
-from tailorpo.diffusion.lora import reference_model
+from tailorpo.algorithms.rollouts import FinalImagePairs, Rollout
+from tailorpo.config import Config, OptimConfig, PairsConfig
 from tailorpo.core.objectives import (
     diff_contrast_logits,
     diff_contrast_loss,
@@ -40,12 +41,10 @@ from tailorpo.core.objectives import (
     preference_accuracy,
     step_dpo_loss,
 )
+from tailorpo.diffusion.lora import reference_model
+from tailorpo.diffusion.policy import DiffusionPolicy, PromptEmbeds
 from tailorpo.pairs.data import PairBatch
 from tailorpo.pairs.embeddings import ClipPairEmbedder
-from tailorpo.diffusion.policy import DiffusionPolicy, PromptEmbeds
-from tailorpo.algorithms.rollouts import FinalImagePairs, Rollout
-
-PairObjective = Literal["diffusion_dpo", "mapo", "diff_contrast"]
 
 
 @dataclass
@@ -58,8 +57,80 @@ class NoisedPair:
     noisy: torch.Tensor  # (2B, C, h, w) x_t
 
 
+PairLoss = Callable[["PairLearner", PairBatch, NoisedPair, PromptEmbeds], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class PairObjective:
+    """One objective on pairs of final images: its loss on a noised batch (``embeds`` has the 2B rows [w; l])
+    and the scalars it logs, all means over the batch."""
+
+    loss: PairLoss
+    clip_embeddings: bool = False  # in-batch weights from CLIP joint embeddings: needs a ClipPairEmbedder
+
+
+def mapo_batch_loss(
+    learner: PairLearner, batch: PairBatch, noised: NoisedPair, embeds: PromptEmbeds
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """MaPO (Hong et al., arXiv 2406.06424): reference-free, so one UNet forward and the adapter never toggled."""
+    err_w, err_l = learner.errors(noised, embeds)
+    mapo = learner.pairs.mapo
+    log_odds = mapo_log_odds(err_w, err_l, mapo.snr_value)  # (B,)
+    loss = mapo_loss(err_w, log_odds, mapo.beta_mapo, learner.num_train_timesteps)
+    return loss, {
+        "win_score": float(mapo_score(err_w.detach(), mapo.snr_value).mean()),
+        "lose_score": float(mapo_score(err_l.detach(), mapo.snr_value).mean()),
+        "margin": float(log_odds.detach().mean()),
+        "preference_accuracy": preference_accuracy(log_odds.detach()),
+        **error_stats(err_w, err_l),
+    }
+
+
+def diffusion_dpo_batch_loss(
+    learner: PairLearner, batch: PairBatch, noised: NoisedPair, embeds: PromptEmbeds
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Diffusion-DPO (Wallace et al., arXiv 2311.12908) against the adapter-free reference."""
+    ref_w, ref_l, err_w, err_l = learner.reference_and_model_errors(noised, embeds)
+    logits = diffusion_dpo_logits(err_w, err_l, ref_w, ref_l, learner.pairs.beta)  # (B,)
+    return step_dpo_loss(logits), reference_stats(logits.detach(), ref_w, ref_l, err_w, err_l)
+
+
+def diff_contrast_batch_loss(
+    learner: PairLearner, batch: PairBatch, noised: NoisedPair, embeds: PromptEmbeds
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Diff-contrast: every winner against every loser of the batch, weighted by CLIP similarity of the pairs."""
+    ref_w, ref_l, err_w, err_l = learner.reference_and_model_errors(noised, embeds)
+    weights = diff_contrast_weights(*learner.embedder(batch), learner.pairs.diff_contrast.tau)  # (B, B)
+    logits = diff_contrast_logits(err_w, err_l, ref_w, ref_l, learner.pairs.beta)  # (B, B)
+    stats = reference_stats(logits.detach().diagonal(), ref_w, ref_l, err_w, err_l)
+    return diff_contrast_loss(logits, weights), stats | {"diagonal_weight": float(weights.diagonal().mean())}
+
+
+def error_stats(err_w: torch.Tensor, err_l: torch.Tensor) -> dict[str, float]:
+    return {"error_w": float(err_w.detach().mean()), "error_l": float(err_l.detach().mean())}
+
+
+def reference_stats(
+    same_prompt_logits: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, err_w: torch.Tensor,
+    err_l: torch.Tensor,
+) -> dict[str, float]:
+    """The scalars of the objectives with a reference: Diffusion-DPO's implicit accuracy on each pair's own
+    logit, and the model's and the reference's error gaps (< 0 when the winner fits better)."""
+    return {
+        "preference_accuracy": preference_accuracy(same_prompt_logits),
+        "model_gap": float((err_w - err_l).detach().mean()),
+        "ref_gap": float((ref_w - ref_l).mean()),
+        **error_stats(err_w, err_l),
+    }
+
+
+MAPO = PairObjective(mapo_batch_loss)
+DIFFUSION_DPO = PairObjective(diffusion_dpo_batch_loss)
+DIFF_CONTRAST = PairObjective(diff_contrast_batch_loss, clip_embeddings=True)
+
+
 class PairLearner(LoraLearner):
-    """Trains the policy's LoRA on batches of preference pairs with one of the offline objectives."""
+    """Trains the policy's LoRA on batches of preference pairs with one of the pair objectives."""
 
     def __init__(
         self,
@@ -70,8 +141,8 @@ class PairLearner(LoraLearner):
         embedder: ClipPairEmbedder | None = None,
     ) -> None:
         super().__init__(policy, optim)
-        if objective == "diff_contrast" and embedder is None:
-            raise ValueError("diff_contrast needs a ClipPairEmbedder for its in-batch weights")
+        if objective.clip_embeddings and embedder is None:
+            raise ValueError(f"{objective.loss.__name__} needs a ClipPairEmbedder for its in-batch weights")
         self.objective = objective
         self.pairs = pairs
         self.embedder = embedder
@@ -102,66 +173,57 @@ class PairLearner(LoraLearner):
         with torch.no_grad(), reference_model(self.policy.unet):
             return self.errors(noised, embeds)
 
+    def reference_and_model_errors(self, noised: NoisedPair, embeds: PromptEmbeds) -> tuple[torch.Tensor, ...]:
+        """(e_ref^w, e_ref^l, e^w, e^l), the reference first: disabling the adapter must not happen while a
+        graph through it is alive."""
+        return *self.reference_errors(noised, embeds), *self.errors(noised, embeds)
+
     def loss(self, batch: PairBatch, noised: NoisedPair) -> tuple[torch.Tensor, dict[str, float]]:
-        """The configured objective on one noised batch, and the scalars to log (all means over the batch)."""
+        """The objective on one noised batch, and the scalars to log."""
         embeds = self.policy.encode_prompts(batch.prompts).repeat(2)  # rows [w; l] share their prompt
-        if self.objective == "mapo":
-            err_w, err_l = self.errors(noised, embeds)
-            snr_value = self.pairs.mapo.snr_value
-            log_odds = mapo_log_odds(err_w, err_l, snr_value)  # (B,)
-            loss = mapo_loss(err_w, log_odds, self.pairs.mapo.beta_mapo, self.num_train_timesteps)
-            stats = {
-                "win_score": float(mapo_score(err_w.detach(), snr_value).mean()),
-                "lose_score": float(mapo_score(err_l.detach(), snr_value).mean()),
-                "margin": float(log_odds.detach().mean()),
-                "preference_accuracy": preference_accuracy(log_odds.detach()),
-            }
-        else:
-            # the reference first: disabling the adapter must not happen while a graph through it is alive
-            ref_w, ref_l = self.reference_errors(noised, embeds)
-            err_w, err_l = self.errors(noised, embeds)
-            if self.objective == "diffusion_dpo":
-                logits = diffusion_dpo_logits(err_w, err_l, ref_w, ref_l, self.pairs.beta)  # (B,)
-                loss, same_prompt = step_dpo_loss(logits), logits.detach()
-                stats = {}
-            else:
-                weights = diff_contrast_weights(*self.embedder(batch), self.pairs.diff_contrast.tau)  # (B, B)
-                logits = diff_contrast_logits(err_w, err_l, ref_w, ref_l, self.pairs.beta)  # (B, B)
-                loss, same_prompt = diff_contrast_loss(logits, weights), logits.detach().diagonal()
-                stats = {"diagonal_weight": float(weights.diagonal().mean())}
-            stats |= {
-                "preference_accuracy": preference_accuracy(same_prompt),  # Diffusion-DPO's implicit accuracy
-                "model_gap": float((err_w - err_l).detach().mean()),  # e^w - e^l: < 0 when the winner fits better
-                "ref_gap": float((ref_w - ref_l).mean()),
-            }
-        return loss, stats | {"error_w": float(err_w.detach().mean()), "error_l": float(err_l.detach().mean())}
+        return self.objective.loss(self, batch, noised, embeds)
 
-    def train_on(self, batch: PairBatch, generator: torch.Generator) -> dict[str, float]:
-        """Accumulate one batch's gradient; step the optimizer every ``gradient_accumulation_steps`` batches."""
-        loss, stats = self.loss(batch, self.noise_pair(batch, generator))
-        self.backward(loss, f"on pair rows {batch.index.tolist()}")
-        return {"loss": loss.item(), "pairs": float(len(batch.prompts))} | stats | self.end_iteration()
+    def train_on(self, data: PairBatch | Rollout, noise: torch.Generator | None = None) -> dict[str, float]:
+        """Accumulate one batch's gradient; step the optimizer every ``gradient_accumulation_steps`` batches.
 
-    def train_on_rollout(self, rollout: Rollout) -> dict[str, float]:
-        """One online rollout's ranked final images; the forward-diffusion draw is seeded by the rollout, so
-        the step does not depend on where or when it runs. A rollout of ties only still counts as an iteration."""
+        A batch from ``pairs.source`` draws its VAE sample, t and eps* from ``noise``, the loop's checkpointed
+        stream. An online rollout's ranked final images draw them from the rollout's own seed, so the step does
+        not depend on where or when it runs; a rollout of ties only still counts as an iteration."""
+        if isinstance(data, Rollout):
+            data, noise = self._rollout_pairs(data)
+            if data is None:
+                return {"pairs": 0.0} | self.end_iteration()
+        if noise is None:
+            raise ValueError("train_on: a pair batch needs the generator of its forward-diffusion draws (noise)")
+        loss, stats = self.loss(data, self.noise_pair(data, noise))
+        self.backward(loss, f"on pair rows {data.index.tolist()}")
+        return {"loss": loss.item(), "pairs": float(len(data.prompts))} | stats | self.end_iteration()
+
+    @staticmethod
+    def _rollout_pairs(rollout: Rollout) -> tuple[PairBatch | None, torch.Generator]:
         pairs = rollout.data
         if not isinstance(pairs, FinalImagePairs):
             raise TypeError(f"the pair learner trains on FinalImagePairs, not {type(pairs).__name__}")
+        noise = torch.Generator().manual_seed(pairs.noise_seed)
         if not len(pairs.prompt_index):
-            return {"pairs": 0.0} | self.end_iteration()
+            return None, noise
         prompts = [rollout.prompts[i] for i in pairs.prompt_index.tolist()]
-        batch = PairBatch(pairs.prompt_index, prompts, pairs.image_w, pairs.image_l)
-        return self.train_on(batch, torch.Generator().manual_seed(pairs.noise_seed))
+        return PairBatch(pairs.prompt_index, prompts, pairs.image_w, pairs.image_l), noise
+
+    def persist(self) -> None:
+        """Diff-contrast's embedding cache to disk, so a checkpoint never refers to embeddings in memory only."""
+        if self.embedder is not None and self.embedder.cache is not None:
+            self.embedder.cache.flush()
 
 
 def build_pair_learner(
-    cfg: Config, policy: DiffusionPolicy, cache_folder: Path | None = None, data_tag: dict[str, str] | None = None
+    cfg: Config, policy: DiffusionPolicy, objective: PairObjective, cache_folder: Path | None = None,
+    data_tag: dict[str, str] | None = None,
 ) -> PairLearner:
-    """The configured objective's learner; Diff-contrast also loads its CLIP, with an embedding cache in
-    ``cache_folder`` for pairs read from a source (``data_tag`` names it), without one for online pairs."""
+    """The objective's learner; one with CLIP embeddings (Diff-contrast) also loads its CLIP, with an embedding
+    cache in ``cache_folder`` for pairs read from a source (``data_tag`` names it), without one for online pairs."""
     embedder = None
-    if cfg.algorithm.name == "diff_contrast":
+    if objective.clip_embeddings:
         dc = cfg.pairs.diff_contrast
         embedder = ClipPairEmbedder.load(dc.clip_model, policy.device, cache_folder, data_tag or {})
-    return PairLearner(policy, cfg.optim, cfg.algorithm.name, cfg.pairs, embedder)
+    return PairLearner(policy, cfg.optim, objective, cfg.pairs, embedder)

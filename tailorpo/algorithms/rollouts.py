@@ -4,18 +4,22 @@
 - ``PolicySteps``: transitions with the sampling policy's log-probs for policy gradients (DDPO).
 - ``FinalImagePairs``: ranked pairs of final images, for the pair objectives trained on the policy's own
   samples (Diffusion-DPO, MaPO, Diff-contrast without ``pairs.source``).
+- ``denoise``: the plain DDIM chain between any two steps (optionally with the LoRA on at some steps only).
 - ``trajectory_rollout``: independent DDIM chains recording the fine-tuned transitions, which D3PO ranks
   pairwise by final reward and DDPO weights by advantage. TailorPO's branching sampler is in branching.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
-from typing import Callable
 
 import torch
 
+from tailorpo.core.ddim import DDIMStep
 from tailorpo.core.ranking import order_by_winner, select_winner
+from tailorpo.diffusion.lora import reference_model
 from tailorpo.diffusion.policy import DiffusionPolicy, PromptEmbeds
 from tailorpo.rewards import RewardModel
 
@@ -106,6 +110,18 @@ def stack_pairs(rows: list[dict[str, torch.Tensor]], batch: int, shared_parent: 
     )
 
 
+def pair_stats_by_step(pairs: PreferencePairs) -> dict[int, dict[str, float]]:
+    """Per step index i of the pairs: the mean reward gap |r_w - r_l| of the pair (absolute, so the
+    random-label control reports it too) and the fraction of pairs dropped from the loss (ties and gaps within
+    algorithm.branching.min_reward_gap). A gap near zero means the ranking at that step is near chance."""
+    stats = {}
+    for i in pairs.step_index.unique().tolist():
+        rows = pairs.step_index == i
+        gap = (pairs.reward_w[rows] - pairs.reward_l[rows]).abs()
+        stats[int(i)] = {"reward_gap": float(gap.mean()), "dropped": float((~pairs.valid[rows]).float().mean())}
+    return stats
+
+
 @dataclass
 class Trajectories:
     images: torch.Tensor  # (B, 3, H, W)
@@ -113,18 +129,43 @@ class Trajectories:
 
 
 @torch.no_grad()
+def denoise(
+    policy: DiffusionPolicy,
+    x: torch.Tensor,
+    embeds: PromptEmbeds,
+    generator: torch.Generator,
+    start: int = 0,
+    stop: int | None = None,
+    lora_at: Collection[int] | None = None,
+    on_step: Callable[[int, torch.Tensor, DDIMStep], None] | None = None,
+) -> torch.Tensor:
+    """The DDIM chain from x (the input of step index ``start``) through step index ``stop - 1`` (default: to
+    x_0), each step's noise drawn from ``generator``; returns the last latents. With ``lora_at`` the UNet's
+    LoRA is on only at those step indices (the base model elsewhere); ``on_step(i, x_t, step)`` sees every
+    transition."""
+    for i in range(start, policy.num_steps if stop is None else stop):
+        with nullcontext() if lora_at is None or i in lora_at else reference_model(policy.unet):
+            eps = policy.eps(x, i, embeds)
+        step = policy.step(i, eps, x, noise=policy.noise(x.shape, generator))
+        if on_step is not None:
+            on_step(i, x, step)
+        x = step.prev_sample
+    return x
+
+
+@torch.no_grad()
 def trajectory_rollout(
     policy: DiffusionPolicy, embeds: PromptEmbeds, generator: torch.Generator, fine_tuned_steps: list[int]
 ) -> Trajectories:
     """Independent DDIM chains, one per row of ``embeds``, recording the fine-tuned transitions."""
-    x = policy.initial_latents(embeds.cond.shape[0], generator)
     steps = []
-    for i in range(policy.num_steps):
-        step = policy.step(i, policy.eps(x, i, embeds), x, noise=policy.noise(x.shape, generator))
+
+    def record(i: int, x: torch.Tensor, step: DDIMStep) -> None:
         if policy.num_steps - i in fine_tuned_steps:
             index = torch.full((x.shape[0],), i, device=x.device)
             steps.append(dict(step=index, x_t=x, x_next=step.prev_sample, log_prob=step.log_prob))
-        x = step.prev_sample
+
+    x = denoise(policy, policy.initial_latents(embeds.cond.shape[0], generator), embeds, generator, on_step=record)
     return Trajectories(policy.decode(x), steps)
 
 

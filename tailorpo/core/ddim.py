@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler
 
 LogProbReduction = Literal["sum", "mean"]
 
@@ -30,18 +29,6 @@ class DDIMStep:
     std: float  # sigma_t
     pred_original_sample: torch.Tensor  # x0_hat(x_t)
     log_prob: torch.Tensor  # log pi(x_{t-1} | x_t, c), (B,)
-
-
-def step_alphas(scheduler: DDIMScheduler, timestep: int) -> tuple[float, float]:
-    """alpha_bar_t and alpha_bar_{t-1} for one inference step, exactly as ``DDIMScheduler.step`` picks them."""
-    if scheduler.num_inference_steps is None:
-        raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
-    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    alpha_prod_t = scheduler.alphas_cumprod[timestep]
-    alpha_prod_prev = (
-        scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else scheduler.final_alpha_cumprod
-    )
-    return float(alpha_prod_t), float(alpha_prod_prev)
 
 
 def predict_x0(sample: torch.Tensor, eps: torch.Tensor, alpha_prod_t: float) -> torch.Tensor:

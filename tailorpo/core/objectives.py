@@ -18,6 +18,11 @@ for a higher log-likelihood (the ELBO), hence the minus signs.
     Diffusion-DPO  h = -beta/2 * [ (e^w - e_ref^w) - (e^l - e_ref^l) ],  L = -mean log sigmoid(h)
     MaPO           m = g(e^w) - g(e^l),  g(e) = s e / (exp(s e) - 1),   L = mean e^w - beta_mapo mean log sigmoid(T m)
     Diff-contrast  h_ij = Diffusion-DPO h of winner i against loser j,  L = -1/M sum_ij W_ij log sigmoid(h_ij)
+
+Papers: TailorPO (Ren et al., arXiv 2502.01667), D3PO (Yang et al., arXiv 2311.13231), DDPO (Black et al., arXiv
+2305.13301), Diffusion-DPO (Wallace et al., arXiv 2311.12908), MaPO (Hong et al., arXiv 2406.06424), and
+Diff-contrast ("Diffusion Preference Alignment via Relative Text-Image Contrast", a later version of Gu et al.'s
+Diffusion-RPO, arXiv 2406.06382; its equation and section numbers are the ones cited here).
 """
 
 from __future__ import annotations
@@ -170,7 +175,8 @@ def mapo_log_odds(err_w: torch.Tensor, err_l: torch.Tensor, snr_value: float) ->
 
 
 def mapo_loss(err_w: torch.Tensor, log_odds: torch.Tensor, beta_mapo: float, num_train_timesteps: int) -> torch.Tensor:
-    """MaPO (seeds 001/002; mapo-t2i/mapo ``train.py``): L = mean(e^w) - beta_mapo * mean log sigmoid(T * m).
+    """MaPO (Hong et al., arXiv 2406.06424; mapo-t2i/mapo ``train.py``@b1c1088):
+    L = mean(e^w) - beta_mapo * mean log sigmoid(T * m).
 
     The first term is plain denoising on the winners, so their likelihood rises and the two sides cannot sink
     together; the second widens the margin m, scaled by T = the scheduler's ``num_train_timesteps`` to stand
@@ -181,18 +187,18 @@ def mapo_loss(err_w: torch.Tensor, log_odds: torch.Tensor, beta_mapo: float, num
 
 def clip_joint_embedding(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
     """(M, D) f(y, x) = normalise(normalise(CLIP image) + normalise(CLIP text)), our default joint prompt+image
-    embedding for Diff-contrast (the seed leaves the combination open). Normalising each modality first keeps
+    embedding for Diff-contrast (the paper leaves the combination open). Normalising each modality first keeps
     either from dominating by its norm."""
     joint = F.normalize(image_embeds, dim=-1) + F.normalize(text_embeds, dim=-1)
     return F.normalize(joint, dim=-1)
 
 
 def diff_contrast_weights(emb_w: torch.Tensor, emb_l: torch.Tensor, tau: float) -> torch.Tensor:
-    """(M, M) W, row i weighting winner i's contrast against each of the M losers (seed 003, Sec. 2.1):
+    """(M, M) W, row i weighting winner i's contrast against each of the M losers (Diff-contrast Sec. 2.1):
     W~_ij = exp(-(1 - cos(f_i^w, f_j^l)) / tau), each row normalised to sum 1.
 
-    Written as a softmax over j, which cannot overflow at the seed's tau = 0.01. Small tau puts a row's weight
-    on its most similar loser, large tau spreads it evenly (1/M)."""
+    Written as a softmax over j, which cannot overflow at the paper's SD1.5 tau = 0.01. Small tau puts a row's
+    weight on its most similar loser, large tau spreads it evenly (1/M)."""
     cos = F.normalize(emb_w, dim=-1) @ F.normalize(emb_l, dim=-1).T  # (M, M) cos(f_i^w, f_j^l)
     return torch.softmax(-(1 - cos) / tau, dim=1)
 
@@ -206,10 +212,10 @@ def diff_contrast_logits(
 
 
 def diff_contrast_loss(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Diff-contrast (seed 003, Eq. 9): L = -1/M sum_i sum_j W_ij log sigmoid(h_ij).
+    """Diff-contrast (Eq. 9): L = -1/M sum_i sum_j W_ij log sigmoid(h_ij).
 
     The weight multiplies log sigma, outside it (RPO puts it on the logit). Eq. 9's expectation is read as the
-    seed's conditional-transport remark after it does: i uniform over the M winners, j ~ W_i. A mean over
+    paper's conditional-transport remark after it does: i uniform over the M winners, j ~ W_i. A mean over
     rows of W-weighted row sums: M = 1, or W = I (small tau, each winner nearest its own loser), gives
     Diffusion-DPO's loss exactly, where a plain mean over the M^2 entries would shrink the loss by 1/M."""
     return -(weights * F.logsigmoid(logits)).sum(dim=1).mean()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -80,7 +81,7 @@ def read_lora(directory: str | Path) -> SavedLora:
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     except (OSError, SafetensorError) as err:
         raise LoraLoadError(f"{path} is not a readable safetensors file ({err})") from None
     others = [key for key in state if not key.startswith(UNET_PREFIX)]

@@ -11,11 +11,22 @@ from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-from tailorpo.core.ddim import DDIMStep, LogProbReduction, ddim_mean, ddim_sigma, ddim_step, predict_x0, step_alphas
+from tailorpo.core.ddim import DDIMStep, LogProbReduction, ddim_mean, ddim_sigma, ddim_step, predict_x0
 from tailorpo.diffusion.pipeline import Pipeline
 
+
+def step_alphas(scheduler: DDIMScheduler, timestep: int) -> tuple[float, float]:
+    """alpha_bar_t and alpha_bar_{t-1} for one inference step, exactly as ``DDIMScheduler.step`` picks them."""
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_prod_t = scheduler.alphas_cumprod[timestep]
+    alpha_prod_prev = (
+        scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else scheduler.final_alpha_cumprod
+    )
+    return float(alpha_prod_t), float(alpha_prod_prev)
 
 @dataclass
 class PromptEmbeds:

@@ -1,9 +1,10 @@
 """Diff-contrast's joint prompt+image embeddings f(y, x) from a real CLIP, computed once per pair and cached.
 
-The weights W_ij of Diff-contrast (seed 003, Eq. 9) compare winner i with loser j through f, a CLIP embedding of
-the image together with its prompt (``objectives.clip_joint_embedding``). f depends only on the pair, never on
-the LoRA, so it is computed the first time a pair is trained on and looked up after that: CLIP then costs one
-forward per pair for the whole run, whatever the number of passes over the data.
+The weights W_ij of Diff-contrast (Eq. 9; a later version of Diffusion-RPO, arXiv 2406.06382) compare winner i
+with loser j through f, a CLIP embedding of the image together with its prompt
+(``objectives.clip_joint_embedding``). f depends only on the pair, never on the LoRA, so it is computed the first
+time a pair is trained on and looked up after that: CLIP then costs one forward per pair for the whole run,
+whatever the number of passes over the data.
 
 The cache is keyed by the pair's source row (``PairRecord.index``: line of ``pairs.jsonl``, row of the parquet
 shards or of the dataset), which is stable across passes and across a resume. Pairs of the policy's own samples
@@ -29,11 +30,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPModel, CLIPTokenizer
 
-from tailorpo.rewards.clip import clip_features, load_hf_clip
-from tailorpo.rewards.preprocess import clip_preprocess
 from tailorpo.config import ConfigError
 from tailorpo.core.objectives import clip_joint_embedding
 from tailorpo.pairs.data import PairBatch
+from tailorpo.rewards.clip import clip_features, load_hf_clip
+from tailorpo.rewards.preprocess import clip_preprocess
 
 SHARD_PREFIX = "shard-"
 

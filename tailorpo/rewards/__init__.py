@@ -1,40 +1,34 @@
-"""Reward models behind one interface (``RewardModel``), built by name from the config."""
+"""Reward models behind one interface (``RewardModel``), built by name from the catalogue (``catalogue.py``).
+
+The names below are imported on first use (PEP 562): ``tailorpo.config`` and the CLI read the torch-free
+``catalogue`` and ``service`` modules at import, so ``tailorpo --help`` and a config error do not wait for torch.
+"""
 
 from __future__ import annotations
 
-from tailorpo.rewards.base import (
-    RewardInputError,
-    RewardModel,
-    RewardOutput,
-    TorchReward,
-    differentiable_reward,
-)
-from tailorpo.rewards.colorfulness import Colorfulness
-from tailorpo.rewards.jpeg import JpegCompressibility
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-REWARDS: dict[str, type[RewardModel]] = {
-    "jpeg": JpegCompressibility,
-    "colorfulness": Colorfulness,
+if TYPE_CHECKING:
+    from tailorpo.rewards.base import (
+        RewardInputError,
+        RewardModel,
+        RewardOutput,
+        TorchReward,
+        differentiable_reward,
+    )
+    from tailorpo.rewards.catalogue import build_reward, is_differentiable
+
+_MODULE_OF = {
+    "RewardInputError": "base",
+    "RewardModel": "base",
+    "RewardOutput": "base",
+    "TorchReward": "base",
+    "differentiable_reward": "base",
+    "build_reward": "catalogue",
+    "is_differentiable": "catalogue",
 }
-
-
-def is_differentiable(name: str) -> bool:
-    """Whether the in-process reward ``name`` returns gradients, known before it loads: the learned reward
-    models (not in ``REWARDS``) are torch models."""
-    return REWARDS.get(name, TorchReward).differentiable
-
-
-def build_reward(name: str) -> RewardModel:
-    """An in-process reward: one of ``REWARDS``, or a learned reward server's model with its default weights."""
-    from reward_servers import SERVABLE, load_reward_model  # imported late: reward_servers imports this package
-
-    if name not in SERVABLE:
-        raise ValueError(f"reward.name={name!r} is not a known reward; choose one of {SERVABLE}")
-    return load_reward_model(name)
-
-
 __all__ = [
-    "REWARDS",
     "RewardInputError",
     "RewardModel",
     "RewardOutput",
@@ -43,3 +37,10 @@ __all__ = [
     "differentiable_reward",
     "is_differentiable",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module defining ``name`` when ``name`` is first asked for."""
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_MODULE_OF[name]}"), name)

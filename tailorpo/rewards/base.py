@@ -66,7 +66,7 @@ class RewardModel(ABC):
         """Raise RewardInputError for prompts this reward cannot score (most score any). A server calls it before
         batching, so one caller's bad prompt is that caller's INVALID_ARGUMENT, not a failed batch for all."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release what the reward holds (the gRPC client closes its channels); in-process rewards hold
         nothing, so callers may close any reward without knowing where it runs."""
 

@@ -25,11 +25,19 @@ import torch
 from tailorpo._proto import reward_pb2, reward_pb2_grpc
 from tailorpo.rewards.base import RewardModel, RewardOutput
 from tailorpo.rewards.images import resize_and_center_crop
+from tailorpo.rewards.service import (
+    BACKOFF_S,
+    MAX_MESSAGE_MB,
+    RETRIES,
+    TIMEOUT_S,
+    backoff_delay_s,
+    bearer_metadata,
+    check_client_tls,
+)
 from tailorpo.rewards.wire import PROTOCOL_VERSION, WireError, tensor_from_proto, tensor_to_proto
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-MAX_MESSAGE_BYTES = 256 * 2**20
-MAX_BACKOFF_S = 10.0
+MAX_MESSAGE_BYTES = MAX_MESSAGE_MB * 2**20
 # gRPC's own reconnect backoff grows to 120 s by default: a restarted server would sit unused that long
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -46,11 +54,8 @@ def channel_credentials(
     """TLS that trusts only ``tls_ca`` (not the system roots), presenting the client certificate to servers
     that require one (``--tls-client-ca``); None: plaintext. One place, so reward clients and the launched
     servers' health probes connect alike."""
-    if bool(client_cert) != bool(client_key):
-        raise ValueError("a client certificate needs its key and a key its certificate")
+    check_client_tls(tls_ca, client_cert, client_key)
     if not tls_ca:
-        if client_cert:
-            raise ValueError("a client certificate is only sent over TLS; give the servers' CA (tls_ca) too")
         return None
     return grpc.ssl_channel_credentials(Path(tls_ca).read_bytes(), client_key and Path(client_key).read_bytes(),
                                         client_cert and Path(client_cert).read_bytes())
@@ -60,9 +65,9 @@ class GrpcReward(RewardModel):
     def __init__(
         self,
         addresses: list[str],
-        timeout_s: float = 60.0,
-        retries: int = 5,
-        backoff_s: float = 0.2,
+        timeout_s: float = TIMEOUT_S,
+        retries: int = RETRIES,
+        backoff_s: float = BACKOFF_S,
         token: str | None = None,
         tls_ca: str | None = None,
         wire_dtype: str = "float32",
@@ -77,7 +82,7 @@ class GrpcReward(RewardModel):
         self.retries = retries
         self.backoff_s = backoff_s
         self.wire_dtype = wire_dtype
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = (bearer_metadata(token),) if token else ()
         credentials = channel_credentials(tls_ca, tls_client_cert, tls_client_key)
         self._tls = credentials is not None
         if credentials is not None:
@@ -140,7 +145,7 @@ class GrpcReward(RewardModel):
         last_error = None
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S) * random.uniform(0.5, 1.5))
+                time.sleep(backoff_delay_s(attempt, self.backoff_s) * random.uniform(0.5, 1.5))
             with self._lock:
                 index = next(self._next)
             address = self.addresses[index]

@@ -38,7 +38,8 @@ def resolve_file(source: str, candidates: Sequence[str]) -> Path:
     for name in candidates:
         try:
             return Path(hf_hub_download(repo_id=source, filename=name))
-        except Exception as error:  # missing file, offline, gated: try the next name, then report them all
+        # the hub raises many types (missing file, offline, gated): try the next name, then report them all
+        except Exception as error:  # noqa: BLE001
             errors.append(f"{name}: {type(error).__name__}: {error}")
     raise FileNotFoundError(
         f"weights {source!r}: not a local path, and the hub repo gave none of {list(candidates)} "

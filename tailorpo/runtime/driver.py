@@ -23,12 +23,12 @@ from pathlib import Path
 import ray
 import torch
 
-from tailorpo.training.checkpoint import Progress
 from tailorpo.config import ActorResources, Config, ConfigError, RewardServerConfig
-from tailorpo.training.run_log import RunLog, RunSummary
 from tailorpo.runtime.reward_actors import RewardServerOwner
 from tailorpo.runtime.workers import LearnerWorker, SamplerWorker
+from tailorpo.training.checkpoint import Progress
 from tailorpo.training.loop import pick_prompts, prepare_output
+from tailorpo.training.run_log import RunLog, RunSummary
 
 SAMPLER_NAME = "tailorpo-sampler"
 LEARNER_NAME = "tailorpo-learner"
@@ -241,8 +241,7 @@ class Driver:
                 lag = float(self.version - batch.version)  # updates between drawing and training: 0 on-policy
                 images = sum(s["images"] for s in summaries)
                 state = Progress(samples=state.samples + images, iteration=batch.iteration + 1)
-                checkpoint = learner.checkpoint_if_due.remote(state, prompt_generator.get_state())
-                snapshot = learner.evaluate_if_due.remote()
+                due = learner.end_iteration.remote(state, prompt_generator.get_state())  # checkpoint, eval, save
                 more = state.samples < cfg.train.total_samples
                 batch = None
                 if cfg.runtime.pipeline and more:  # drawn while the learner trains: one version stale
@@ -250,8 +249,7 @@ class Driver:
                 lora, version = new_lora, self._next_version()
                 for rollout_images, stats in self._get(results):
                     log.record(rollout_images, stats | {"policy_lag": lag})
-                self._get(checkpoint)  # a failed write (disk full) stops the run with its cause
-                if snapshot := self._get(snapshot):
+                if snapshot := self._get(due):  # a failed write (disk full) stops the run with its cause
                     log.record_eval(snapshot)
                 now = time.perf_counter()
                 log.record_iteration(images, now - tick, [s["sample_time"] for s in summaries])

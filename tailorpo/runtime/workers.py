@@ -2,7 +2,8 @@
 
 A sampler holds its own pipeline and a copy of the LoRA, replaced whenever the learner publishes a new
 version; a rollout records the policy version it was drawn with. The learner holds the trainable LoRA, the
-optimizer and the DDPO statistics, and evaluates and saves at the end.
+optimizer and the DDPO statistics; after each iteration it does what the cadence makes due (checkpoint, eval,
+``train.save_every``) as the one-process loop does, and it evaluates and saves at the end.
 """
 
 from __future__ import annotations
@@ -15,26 +16,28 @@ from pathlib import Path
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from tailorpo.training.checkpoint import Progress, latest_checkpoint
+from tailorpo.algorithms.rollouts import Rollout, map_tensors
 from tailorpo.config import Config
 from tailorpo.core.objectives import PerPromptStatTracker
 from tailorpo.rewards import RewardModel
-from tailorpo.algorithms.rollouts import Rollout, map_tensors
-from tailorpo.training.run_log import EvalSnapshot, RunSummary
-from tailorpo.training.loop import (
+from tailorpo.training.build import (
     build_learner,
     build_policy,
     build_reward_model,
-    collect_rollout,
-    evaluate_if_due,
-    finish_run,
-    learn_from,
-    maybe_checkpoint,
     resolve_device,
-    resume_from,
     rollout_generator,
     seed_everything,
 )
+from tailorpo.training.cadence import Counters
+from tailorpo.training.checkpoint import Progress, latest_checkpoint
+from tailorpo.training.loop import (
+    collect_rollout,
+    end_of_iteration,
+    finish_run,
+    learn_from,
+    resume_from,
+)
+from tailorpo.training.run_log import EvalSnapshot, RunSummary
 
 LoraState = dict[str, torch.Tensor]
 
@@ -117,9 +120,6 @@ class LearnerWorker:
             os.replace(tmp, self.ledger)
         return progress, prompt_state
 
-    def checkpoint_if_due(self, progress: Progress, prompt_state: torch.Tensor) -> None:
-        maybe_checkpoint(self.cfg, self.learner, self.tracker, progress, prompt_state, self.updates_before)
-
     def train(self, *rollouts: Rollout) -> tuple[list[tuple[int, dict[str, float]]], LoraState]:
         """Learn from the rollouts in slot order (so the result does not depend on which sampler finished
         first); return (images, scalars) per rollout and the new LoRA weights."""
@@ -133,8 +133,12 @@ class LearnerWorker:
             ledger.write(json.dumps({"updates": self.learner.updates, "samples": ids}) + "\n")
         return results, self.lora_state()
 
-    def evaluate_if_due(self) -> EvalSnapshot | None:
-        return evaluate_if_due(self.cfg, self.policy, self.reward, self.learner, self.updates_before)
+    def end_iteration(self, progress: Progress, prompt_state: torch.Tensor) -> EvalSnapshot | None:
+        """After ``train`` on an iteration's rollouts (``progress`` counts it): the checkpoint, eval and LoRA
+        save that are due, as the one-process loop does them; returns the eval for the driver's log."""
+        before = Counters(progress.iteration - 1, self.updates_before)
+        return end_of_iteration(self.cfg, self.policy, lambda: self.reward, self.learner, self.tracker, before,
+                                progress, prompt_state)
 
     def finish(self, samples: int, seconds: float, figures: dict[str, float | None]) -> RunSummary:
         return finish_run(self.cfg, self.policy, self.reward, self.learner, samples, seconds, figures)

@@ -118,7 +118,7 @@ def _tiny_sdxl_pipeline(directory: Path) -> StableDiffusionXLPipeline:
 
 
 def tiny_shapes_pipeline(directory: Path) -> StableDiffusionPipeline:
-    """The tiny-shapes model before training (``tailorpo/tiny_shapes.py`` trains it): tiny-sd's classes for
+    """The tiny-shapes model before training (``tailorpo/tiny/shapes_training.py`` trains it): tiny-sd's classes for
     32x32 images (latents (4, 8, 8)). The UNet has a third level (2x2) and, as SDXL's, no attention at the finest
     one: convolutions with zero padding are what tell the UNet where it is, and with attention at 8x8 (no
     positional encoding) it learned colors and shapes but placed them at random."""

@@ -1,7 +1,7 @@
 """Training the tiny-shapes model and its prompt-match classifier on a CPU (``tailorpo train-tiny-shapes DIR``).
 
 A Stable Diffusion pipeline small enough to train here that really follows its prompts, for experiments whose
-rewards must mean something. Three stages on ``tailorpo/shapes.py``'s images, deterministic from one seed:
+rewards must mean something. Three stages on ``tailorpo/tiny/shapes.py``'s images, deterministic from one seed:
 1. the classifier of ``reward_servers/shapes.py`` (the prompt-match reward) on all 90 captions, so it also
    judges the held-out ones;
 2. the VAE as LDM trains it, minus the perceptual and GAN terms: reconstruction plus a small KL, then its
@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline
-from transformers import CLIPTextModel
 from safetensors.torch import save_file
 from tqdm import tqdm
+from transformers import CLIPTextModel
 
-from tailorpo.tiny.shape_classifier import ShapeClassifier, attribute_log_probs
-from tailorpo.tiny.models import tiny_shapes_pipeline
 from tailorpo.prompts import SHAPE_SCENES, shape_caption, shape_held_out
+from tailorpo.tiny.models import tiny_shapes_pipeline
+from tailorpo.tiny.shape_classifier import ShapeClassifier, attribute_log_probs
 from tailorpo.tiny.shapes import draw_scenes, render
 
 TRAIN_SCENES = [s for s in SHAPE_SCENES if not shape_held_out(s)]

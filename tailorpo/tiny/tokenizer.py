@@ -20,7 +20,7 @@ def write_clip_tokenizer_files(directory: Path) -> None:
     import open_clip
 
     bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]  # noqa: SIM115 (read at once)
     from open_clip.tokenizer import bytes_to_unicode
 
     symbols = list(bytes_to_unicode().values())

@@ -1,7 +1,7 @@
 """``tailorpo eval``: a trained LoRA against its base model, as the paper evaluates (Sec. 5: five images per
 prompt, the mean reward of all images), plus the win rate of the LoRA's images over the base model's.
 
-Both models render every (prompt, image index) from the same noise (``trainer.evaluate``, the sampler of the
+Both models render every (prompt, image index) from the same noise (``training.loop.evaluate``, the sampler of the
 end-of-run eval), so each LoRA image has a base twin and the win rate compares like with like. With several
 reward servers each reward is reported on its own and as the weighted sum the run trained on.
 """
@@ -17,8 +17,9 @@ from PIL import Image
 
 from tailorpo.config import Config, ConfigError, LoraSettings
 from tailorpo.diffusion.lora import SavedLora, load_lora, read_lora
+from tailorpo.training.build import build_policy, build_reward_model, resolve_device
+from tailorpo.training.loop import compare_with_base
 from tailorpo.training.run_log import GRID_PROMPTS, comparison_grid
-from tailorpo.training.loop import build_policy, build_reward_model, compare_with_base, resolve_device
 
 REPORT_FILES = ("results.csv", "results.md", "grid.png")
 

@@ -1,105 +1,50 @@
 """The local one-process trainer: sample with the current policy, score, train the LoRA, log, save.
 
-The Ray runtime wraps the same pieces (policy, rollouts, learner); this loop is their single-process driver.
+The Ray runtime wraps the same pieces (policy, rollouts, learner, ``end_of_iteration``); this loop is their
+single-process driver. What a run is built from is ``training.build``.
 """
 
 from __future__ import annotations
 
-import os
-import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from tailorpo.algorithms.branching import tailorpo_rollout
-from tailorpo.training.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
-from tailorpo.config import PAIR_ALGORITHMS, Config, ConfigError, EvalConfig, dump_config
-from tailorpo.core.guidance import cosine_eta_schedule
-from tailorpo.algorithms.learner import Learner, LoraLearner
-from tailorpo.diffusion.lora import add_lora, reference_model, save_lora
-from tailorpo.diffusion.pipeline import load_pipeline
+from tailorpo.algorithms.learner import LoraLearner
+from tailorpo.algorithms.registry import algorithm_of
+from tailorpo.algorithms.rollouts import Rollout, trajectory_rollout
+from tailorpo.config import Config, ConfigError, EvalConfig, dump_config
 from tailorpo.core.objectives import PerPromptStatTracker
-from tailorpo.algorithms.pair_learner import PairLearner, build_pair_learner
+from tailorpo.diffusion.lora import reference_model, save_lora
 from tailorpo.diffusion.policy import DiffusionPolicy
-from tailorpo.rewards import RewardModel, build_reward
+from tailorpo.rewards import RewardModel
 from tailorpo.rewards.grpc_client import WeightedSum
-from tailorpo.algorithms.rollouts import (
-    Rollout,
-    d3po_rollout,
-    ddpo_rollout,
-    final_image_pair_rollout,
-    trajectory_rollout,
+from tailorpo.training.build import (
+    build_learner,
+    build_policy,
+    build_reward_model,
+    resolve_device,
+    rollout_generator,
+    seed_everything,
 )
-from tailorpo.training.run_log import GRID_PROMPTS, EvalSnapshot, RunLog, RunSummary, comparison_grid, grid_thumbnails
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} but no CUDA device is visible; use device=cpu or auto")
-    return torch.device(device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
-    """Load the base pipeline, attach a fresh LoRA, and wrap it as the sampling/training policy."""
-    pipe = load_pipeline(cfg.model.pretrained, cfg.model.revision, DTYPES[cfg.model.dtype], str(device))
-    add_lora(pipe.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
-    autocast = torch.bfloat16 if cfg.optim.mixed_precision == "bf16" else None
-    return DiffusionPolicy(
-        pipe,
-        num_steps=cfg.sampling.num_steps,
-        eta=cfg.sampling.eta,
-        guidance_scale=cfg.sampling.guidance_scale,
-        resolution=cfg.model.resolution,
-        logprob_reduction=cfg.sampling.logprob_reduction,
-        autocast_dtype=autocast,
-    )
-
-
-def build_learner(cfg: Config, policy: DiffusionPolicy) -> Learner | PairLearner:
-    """The online objectives' learner, or for a pair objective on the policy's own samples the pair learner."""
-    if cfg.algorithm.name in PAIR_ALGORITHMS:
-        return build_pair_learner(cfg, policy)
-    return Learner(policy, cfg.optim, cfg.algorithm)
-
-
-def build_reward_model(cfg: Config) -> RewardModel:
-    """The in-process reward, or a client of the configured servers (a weighted sum if several). Fails
-    fast, naming the address, when a server does not answer."""
-    reward_cfg = cfg.reward
-    if not reward_cfg.servers:
-        reward = build_reward(reward_cfg.name)
-    else:
-        from tailorpo.rewards.grpc_client import GrpcReward
-
-        token = os.environ.get(reward_cfg.token_env) if reward_cfg.token_env else None
-        if reward_cfg.token_env and not token:
-            raise ConfigError(f"reward.token_env: environment variable {reward_cfg.token_env!r} is empty or unset")
-        clients = [
-            (GrpcReward(s.addresses, reward_cfg.timeout_s, reward_cfg.retries, token=token, tls_ca=reward_cfg.tls_ca,
-                        tls_client_cert=reward_cfg.tls_client_cert, tls_client_key=reward_cfg.tls_client_key),
-             s.weight)
-            for s in reward_cfg.servers
-        ]
-        reward = clients[0][0] if len(clients) == 1 and clients[0][1] == 1.0 else WeightedSum(clients)
-    if cfg.algorithm.name == "tailorpo_g" and not reward.differentiable:
-        raise ConfigError(
-            f"algorithm.name: 'tailorpo_g' needs a differentiable reward, and {reward.name!r} is not; "
-            "use algorithm.name=tailorpo or a differentiable reward server"
-        )
-    return reward
+from tailorpo.training.cadence import Cadence, Counters
+from tailorpo.training.checkpoint import (
+    Progress,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from tailorpo.training.run_log import (
+    GRID_PROMPTS,
+    EvalSnapshot,
+    RunLog,
+    RunSummary,
+    comparison_grid,
+    grid_thumbnails,
+)
 
 
 def collect_rollout(
@@ -107,7 +52,7 @@ def collect_rollout(
 ) -> Rollout:
     """The configured algorithm's rollout, with the seconds it took and the part of them spent in reward calls."""
     tick, calls, reward_seconds = time.perf_counter(), reward.calls, reward.seconds
-    rollout = _algorithm_rollout(cfg, policy, reward, prompts, generator)
+    rollout = algorithm_of(cfg).sample(cfg, policy, reward, prompts, generator)
     rollout.stats |= {
         "sample_time": time.perf_counter() - tick,
         "reward_time": reward.seconds - reward_seconds,
@@ -121,35 +66,30 @@ def collect_rollout(
     return rollout
 
 
-def _algorithm_rollout(
-    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator
-) -> Rollout:
-    algo = cfg.algorithm
-    if algo.name in ("tailorpo", "tailorpo_g"):
-        eta = None
-        if algo.name == "tailorpo_g":
-            eta = cosine_eta_schedule(algo.fine_tuned_steps, algo.guidance.eta_min, algo.guidance.eta_max)
-        return tailorpo_rollout(
-            policy, reward, prompts, generator, algo.fine_tuned_steps, eta, algo.guidance.delta,
-            algo.guidance.through_unet,
-        )
-    if algo.name == "d3po":
-        return d3po_rollout(policy, reward, prompts, generator, algo.fine_tuned_steps)
-    if algo.name in PAIR_ALGORITHMS:
-        return final_image_pair_rollout(policy, reward, prompts, generator)
-    return ddpo_rollout(policy, reward, prompts, generator, algo.fine_tuned_steps, algo.ddpo.samples_per_prompt)
-
-
-def assign_advantages(rollout: Rollout, tracker: PerPromptStatTracker, clip: float) -> None:
-    """DDPO: per-sample advantages from the driver's per-prompt statistics, copied to each recorded step."""
-    per_sample = tracker.advantages(rollout.prompts, rollout.rewards, clip)
-    rollout.data.advantages = per_sample[rollout.data.prompt_index]
-
-
 def prompts_per_iteration(cfg: Config) -> int:
-    if cfg.algorithm.name == "ddpo":
+    """sampling.batch_size prompts, or for an algorithm whose batch counts images (DDPO) that many images in
+    groups of algorithm.ddpo.samples_per_prompt."""
+    if cfg.algorithm.facts.batch_counts_images:
         return cfg.sampling.batch_size // cfg.algorithm.ddpo.samples_per_prompt
     return cfg.sampling.batch_size
+
+
+def pick_prompts(cfg: Config, generator: torch.Generator) -> list[str]:
+    picks = torch.randint(len(cfg.prompts), (prompts_per_iteration(cfg),), generator=generator).tolist()
+    return [cfg.prompts[j] for j in picks]
+
+
+def learn_from(cfg: Config, learner: LoraLearner, tracker: PerPromptStatTracker, rollout: Rollout) -> dict[str, float]:
+    """One rollout into the learner, after the algorithm's own preparation (DDPO: advantages from ``tracker``);
+    returns the scalars to log."""
+    if (prepare := algorithm_of(cfg).prepare) is not None:
+        prepare(cfg, rollout, tracker)
+    tick = time.perf_counter()
+    stats = learner.train_on(rollout) | rollout.stats
+    stats["train_time"] = time.perf_counter() - tick
+    stats["reward_mean"] = float(rollout.rewards.mean())
+    stats["reward_std"] = float(rollout.rewards.std(unbiased=False))
+    return stats
 
 
 class EvalSamples(NamedTuple):
@@ -195,33 +135,6 @@ def compare_with_base(
     return base, trained
 
 
-def rollout_generator(seed: int, iteration: int, slot: int) -> torch.Generator:
-    """The noise of one rollout depends only on (seed, iteration, sampler slot), never on which process or
-    node draws it: a run whose samplers live elsewhere reproduces the one-process run."""
-    state = np.random.SeedSequence([seed, iteration, slot]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
-
-
-def pick_prompts(cfg: Config, generator: torch.Generator) -> list[str]:
-    picks = torch.randint(len(cfg.prompts), (prompts_per_iteration(cfg),), generator=generator).tolist()
-    return [cfg.prompts[j] for j in picks]
-
-
-def learn_from(
-    cfg: Config, learner: Learner | PairLearner, tracker: PerPromptStatTracker, rollout: Rollout
-) -> dict[str, float]:
-    """One rollout into the learner (DDPO advantages first); returns the scalars to log."""
-    if cfg.algorithm.name == "ddpo":
-        assign_advantages(rollout, tracker, cfg.algorithm.ddpo.adv_clip)
-    tick = time.perf_counter()
-    train_on = learner.train_on_rollout if isinstance(learner, PairLearner) else learner.train_on
-    stats = train_on(rollout) | rollout.stats
-    stats["train_time"] = time.perf_counter() - tick
-    stats["reward_mean"] = float(rollout.rewards.mean())
-    stats["reward_std"] = float(rollout.rewards.std(unbiased=False))
-    return stats
-
-
 def finish_run(
     cfg: Config, policy: DiffusionPolicy, reward: RewardModel, learner: LoraLearner, samples: int, seconds: float,
     figures: dict[str, float | None],
@@ -231,6 +144,7 @@ def finish_run(
     out = Path(cfg.output_dir)
     if learner.pending_iterations:
         learner.apply_gradients()
+    learner.persist()
     save_lora(policy.unet, out / "lora")
     base, trained = compare_with_base(policy, reward, cfg.eval)
     comparison_grid(base.images, trained.images, cfg.eval.images_per_prompt).save(out / "samples.png")
@@ -256,28 +170,27 @@ def prepare_output(cfg: Config) -> Path:
     return out
 
 
-def crossed(every: int, before: int, after: int) -> bool:
-    """Whether the optimizer steps of one iteration (``before`` -> ``after`` updates) passed a multiple of
-    ``every`` (0: never); checkpoints and evals are due on the updates, however many steps an iteration takes."""
-    return bool(every) and after // every > before // every
-
-
-def maybe_checkpoint(
-    cfg: Config, learner: LoraLearner, tracker: PerPromptStatTracker, progress: Progress, prompt_state: torch.Tensor,
-    updates_before: int,
-) -> None:
-    if crossed(cfg.train.checkpoint_every, updates_before, learner.updates) and not learner.pending_iterations:
-        save_checkpoint(cfg.output_dir, learner, tracker, progress, prompt_state)
-
-
-def evaluate_if_due(
-    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, learner: LoraLearner, updates_before: int
+def end_of_iteration(
+    cfg: Config, policy: DiffusionPolicy, reward: Callable[[], RewardModel], learner: LoraLearner,
+    tracker: PerPromptStatTracker, before: Counters, progress: Progress, stream_state: torch.Tensor,
 ) -> EvalSnapshot | None:
-    """The eval prompts with fixed noise every ``eval.every`` updates: the run's reward curve and image grids."""
-    if not crossed(cfg.eval.every, updates_before, learner.updates):
-        return None
-    samples = evaluate(policy, reward, cfg.eval)
-    return EvalSnapshot(learner.updates, samples.scores[reward.name], samples.images)
+    """What ``Cadence`` makes due after an iteration, done the same way by every loop (this one, the pair loop,
+    the Ray learner): a checkpoint holding ``stream_state``, the state of the loop's own random stream (prompts
+    or pair noise); the fixed-noise eval, returned for the run log; the LoRA saved to output_dir/lora.
+    ``reward`` is only called for an eval (the Ray learner opens its client lazily)."""
+    after = Counters(progress.iteration, learner.updates)
+    due = Cadence.of(cfg).due(before, after, gradients_pending=bool(learner.pending_iterations))
+    if due.checkpoint:
+        learner.persist()
+        save_checkpoint(cfg.output_dir, learner, tracker, progress, stream_state)
+    snapshot = None
+    if due.eval:
+        scorer = reward()
+        samples = evaluate(policy, scorer, cfg.eval)
+        snapshot = EvalSnapshot(learner.updates, samples.scores[scorer.name], samples.images)
+    if due.save_lora:
+        save_lora(policy.unet, Path(cfg.output_dir) / "lora")
+    return snapshot
 
 
 def resume_from(out: Path, learner: LoraLearner, tracker: PerPromptStatTracker) -> tuple[Progress, torch.Tensor]:
@@ -306,16 +219,14 @@ def train(cfg: Config, progress: bool = True, resume: bool = False) -> RunSummar
     log = RunLog(cfg, out, progress, state.samples)
     while state.samples < cfg.train.total_samples:
         tick = time.perf_counter()
-        updates_before = learner.updates
+        before = Counters(state.iteration, learner.updates)
         prompts = pick_prompts(cfg, prompt_generator)
         rollout = collect_rollout(cfg, policy, reward, prompts, rollout_generator(cfg.seed, state.iteration, 0))
         log.record(len(rollout.images), learn_from(cfg, learner, tracker, rollout))
         log.record_iteration(len(rollout.images), time.perf_counter() - tick)
         state = Progress(samples=log.samples, iteration=state.iteration + 1)
-        maybe_checkpoint(cfg, learner, tracker, state, prompt_generator.get_state(), updates_before)
-        if snapshot := evaluate_if_due(cfg, policy, reward, learner, updates_before):
+        if snapshot := end_of_iteration(cfg, policy, lambda: reward, learner, tracker, before, state,
+                                        prompt_generator.get_state()):
             log.record_eval(snapshot)
-        if cfg.train.save_every and state.iteration % cfg.train.save_every == 0:
-            save_lora(policy.unet, out / "lora")
     log.close()
     return finish_run(cfg, policy, reward, learner, log.samples, time.perf_counter() - start, log.figures())

@@ -14,7 +14,7 @@ noise (initial latents and every DDIM step's noise), so they differ by the prefi
 Recipes (``RECIPES``; both prefixes can be overridden):
 
 - ``style`` (Pick-Style): "Disney style animated image" (or "Pixel art style image") preferred,
-  "Realistic 8k image" dispreferred, as the spec gives MaPO's prefixes. The published
+  "Realistic 8k image" dispreferred, the prefixes of the MaPO paper (Hong et al., arXiv 2406.06424). The published
   ``mapo-t2i/pick-style-cartoon`` card describes its rejected images as plain-prompt generations instead: pass
   ``--dispreferred-prefix ""`` for that variant.
 - ``safety`` (Pick-Safety): the plain prompt preferred (the ``mapo-t2i/pick-safety`` card: "normal generations
@@ -27,18 +27,12 @@ from pathlib import Path
 
 import torch
 
+from tailorpo.algorithms.rollouts import final_image_pair_rollout, trajectory_rollout
 from tailorpo.config import Config
 from tailorpo.diffusion.lora import reference_model
 from tailorpo.pairs.data import export_pairs, write_pairs
-from tailorpo.algorithms.rollouts import final_image_pair_rollout, trajectory_rollout
-from tailorpo.training.loop import (
-    build_policy,
-    build_reward_model,
-    pick_prompts,
-    resolve_device,
-    rollout_generator,
-    seed_everything,
-)
+from tailorpo.training.build import build_policy, build_reward_model, resolve_device, rollout_generator, seed_everything
+from tailorpo.training.loop import pick_prompts
 
 RECIPES: dict[str, tuple[str, str | None]] = {  # recipe -> (preferred prefix, dispreferred prefix or None: ask)
     "style": ("Disney style animated image", "Realistic 8k image"),

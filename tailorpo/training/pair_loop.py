@@ -1,8 +1,9 @@
 """The one-process loop of the offline pair objectives (``algorithm.name``: diffusion_dpo, mapo, diff_contrast).
 
 The online trainer's pieces, with a pair reader in place of the sampler: the same policy and LoRA
-(``build_policy``), optimizer path (``LoraLearner``), TensorBoard log, checkpoints, periodic and final
-evaluation with ``cfg.reward`` (here only an eval reward: the pairs carry the preference), and the same outputs
+(``build_policy``), optimizer path and ``train_on`` (``LoraLearner``), TensorBoard log, end-of-iteration cadence
+(checkpoints, periodic evaluation, ``train.save_every``: ``loop.end_of_iteration``) and final evaluation with
+``cfg.reward`` (here only an eval reward: the pairs carry the preference), and the same outputs
 (``lora/``, ``tensorboard/``, ``samples.png``, ``config.yaml``, ``summary.json``).
 
 The data are a stream that re-reads ``pairs.source`` after each pass; ``train.total_samples`` counts the pairs
@@ -20,25 +21,34 @@ from typing import Any
 
 import torch
 
-from tailorpo.training.checkpoint import Progress, save_checkpoint
-from tailorpo.config import Config
-from tailorpo.diffusion.lora import save_lora
-from tailorpo.core.objectives import PerPromptStatTracker
-from tailorpo.pairs.data import PairBatch, PairDataError, PairDataset, PairReader, collate_pairs, read_pairs
 from tailorpo.algorithms.pair_learner import PairLearner, build_pair_learner
+from tailorpo.algorithms.registry import algorithm_of
+from tailorpo.config import Config
+from tailorpo.core.objectives import PerPromptStatTracker
 from tailorpo.diffusion.policy import DiffusionPolicy
-from tailorpo.training.run_log import RunLog, RunSummary
-from tailorpo.training.loop import (
+from tailorpo.pairs.data import (
+    PairBatch,
+    PairDataError,
+    PairDataset,
+    PairReader,
+    collate_pairs,
+    read_pairs,
+)
+from tailorpo.training.build import (
     build_policy,
     build_reward_model,
-    crossed,
-    evaluate_if_due,
-    finish_run,
-    prepare_output,
     resolve_device,
-    resume_from,
     seed_everything,
 )
+from tailorpo.training.cadence import Counters
+from tailorpo.training.checkpoint import Progress
+from tailorpo.training.loop import (
+    end_of_iteration,
+    finish_run,
+    prepare_output,
+    resume_from,
+)
+from tailorpo.training.run_log import RunLog, RunSummary
 
 
 def pair_batches(dataset: PairDataset, batch_size: int, skip: int = 0) -> Iterator[PairBatch]:
@@ -64,22 +74,11 @@ def pair_batches(dataset: PairDataset, batch_size: int, skip: int = 0) -> Iterat
 
 
 def pair_learner_for(cfg: Config, reader: PairReader, out: Path, policy: DiffusionPolicy) -> PairLearner:
-    """The pair learner, with Diff-contrast's embedding cache tagged by the source it caches."""
+    """The configured pair objective's learner, with Diff-contrast's embedding cache tagged by the source it
+    caches."""
     data_tag = {"pairs_source": reader.description, "resolution": str(cfg.model.resolution)}
     cache = cfg.pairs.diff_contrast.embedding_cache or out / "clip_embeddings"
-    return build_pair_learner(cfg, policy, Path(cache), data_tag)
-
-
-def checkpoint_if_due(
-    cfg: Config, learner: PairLearner, tracker: PerPromptStatTracker, progress: Progress, noise: torch.Generator,
-    updates_before: int,
-) -> None:
-    """``trainer.maybe_checkpoint``'s rule, with Diff-contrast's embedding cache flushed first so that the
-    checkpoint never refers to embeddings that exist only in memory."""
-    if crossed(cfg.train.checkpoint_every, updates_before, learner.updates) and not learner.pending_iterations:
-        if learner.embedder is not None:
-            learner.embedder.cache.flush()
-        save_checkpoint(cfg.output_dir, learner, tracker, progress, noise.get_state())
+    return build_pair_learner(cfg, policy, algorithm_of(cfg).pair_objective, Path(cache), data_tag)
 
 
 def train_pairs(cfg: Config, progress: bool = True, resume: bool = False) -> RunSummary:
@@ -103,17 +102,13 @@ def train_pairs(cfg: Config, progress: bool = True, resume: bool = False) -> Run
     batches = pair_batches(PairDataset(reader, cfg.model.resolution), cfg.pairs.batch_size, skip=state.samples)
     while state.samples < cfg.train.total_samples:
         tick = time.perf_counter()
-        updates_before = learner.updates
+        before = Counters(state.iteration, learner.updates)
         batch = next(batches)
         log.record(len(batch.prompts), learner.train_on(batch, noise))
         log.record_iteration(len(batch.prompts), time.perf_counter() - tick)
         state = Progress(samples=log.samples, iteration=state.iteration + 1)
-        checkpoint_if_due(cfg, learner, tracker, state, noise, updates_before)
-        if snapshot := evaluate_if_due(cfg, policy, reward, learner, updates_before):
+        if snapshot := end_of_iteration(cfg, policy, lambda: reward, learner, tracker, before, state,
+                                        noise.get_state()):
             log.record_eval(snapshot)
-        if cfg.train.save_every and state.iteration % cfg.train.save_every == 0:
-            save_lora(policy.unet, out / "lora")
     log.close()
-    if learner.embedder is not None:
-        learner.embedder.cache.flush()
     return finish_run(cfg, policy, reward, learner, log.samples, time.perf_counter() - start, log.figures())

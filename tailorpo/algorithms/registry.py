@@ -1,0 +1,122 @@
+"""Every training algorithm by name: how it samples, how its learner is built, what it needs.
+
+The loops, the Ray workers and the CLI look an algorithm up here (``algorithm_of(cfg)``) instead of testing its
+name. What config validation must know before any model loads (images per batch row, a differentiable reward, a
+pair objective) is ``tailorpo.config.ALGORITHM_FACTS``; each entry here carries its facts. Adding an algorithm is
+one module (its rollout, its learner or pair objective), one entry below and its facts in the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tailorpo.algorithms.branching import guidance_schedule, tailorpo_rollout
+from tailorpo.algorithms.learner import Learner, LoraLearner
+from tailorpo.algorithms.pair_learner import (
+    DIFF_CONTRAST,
+    DIFFUSION_DPO,
+    MAPO,
+    PairObjective,
+    build_pair_learner,
+)
+from tailorpo.algorithms.rollouts import (
+    Rollout,
+    d3po_rollout,
+    ddpo_rollout,
+    final_image_pair_rollout,
+)
+from tailorpo.config import ALGORITHM_FACTS, AlgorithmFacts, Config
+from tailorpo.core.objectives import PerPromptStatTracker
+from tailorpo.diffusion.policy import DiffusionPolicy
+from tailorpo.rewards import RewardModel
+
+SampleFn = Callable[[Config, DiffusionPolicy, RewardModel, list[str], torch.Generator], Rollout]
+LearnerFn = Callable[[Config, DiffusionPolicy], LoraLearner]
+PrepareFn = Callable[[Config, Rollout, PerPromptStatTracker], None]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    facts: AlgorithmFacts
+    sample: SampleFn  # one iteration's rollout for the given prompts, from the (seed, iteration, slot) stream
+    build_learner: LearnerFn  # the learner the online loop and the Ray learner train
+    prepare: PrepareFn | None = None  # before training on a rollout, with the driver's per-prompt statistics
+    pair_objective: PairObjective | None = None  # the loss on pairs of final images, also for pairs.source
+
+    @property
+    def name(self) -> str:
+        return self.facts.name
+
+
+def sample_tailorpo(
+    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator
+) -> Rollout:
+    """TailorPO's branch pairs; with ``facts.differentiable_reward`` (TailorPO-G) the winner is guided."""
+    algo = cfg.algorithm
+    eta = guidance_schedule(algo.guidance, algo.fine_tuned_steps) if algo.facts.differentiable_reward else None
+    return tailorpo_rollout(
+        policy, reward, prompts, generator, algo.fine_tuned_steps, guidance_eta=eta,
+        guidance_delta=algo.guidance.delta, guidance_through_unet=algo.guidance.through_unet,
+        guidance_units=algo.guidance.units, branching=algo.branching,
+    )
+
+
+def sample_d3po(
+    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator
+) -> Rollout:
+    return d3po_rollout(policy, reward, prompts, generator, cfg.algorithm.fine_tuned_steps)
+
+
+def sample_ddpo(
+    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator
+) -> Rollout:
+    algo = cfg.algorithm
+    return ddpo_rollout(policy, reward, prompts, generator, algo.fine_tuned_steps, algo.ddpo.samples_per_prompt)
+
+
+def sample_final_image_pairs(
+    cfg: Config, policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator
+) -> Rollout:
+    return final_image_pair_rollout(policy, reward, prompts, generator)
+
+
+def step_learner(cfg: Config, policy: DiffusionPolicy) -> Learner:
+    return Learner(policy, cfg.optim, cfg.algorithm)
+
+
+def ddpo_advantages(cfg: Config, rollout: Rollout, tracker: PerPromptStatTracker) -> None:
+    """DDPO: per-sample advantages from the driver's per-prompt statistics, copied to each recorded step."""
+    per_sample = tracker.advantages(rollout.prompts, rollout.rewards, cfg.algorithm.ddpo.adv_clip)
+    rollout.data.advantages = per_sample[rollout.data.prompt_index]
+
+
+def pair_algorithm(name: str, objective: PairObjective) -> Algorithm:
+    """A pair objective trained on the policy's own samples (two per prompt, ranked by the reward); its learner
+    takes pairs.source batches too (``training.pair_loop``)."""
+
+    def build(cfg: Config, policy: DiffusionPolicy) -> LoraLearner:
+        return build_pair_learner(cfg, policy, objective)
+
+    return Algorithm(ALGORITHM_FACTS[name], sample_final_image_pairs, build, pair_objective=objective)
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    spec.name: spec
+    for spec in (
+        Algorithm(ALGORITHM_FACTS["tailorpo"], sample_tailorpo, step_learner),
+        Algorithm(ALGORITHM_FACTS["tailorpo_g"], sample_tailorpo, step_learner),
+        Algorithm(ALGORITHM_FACTS["d3po"], sample_d3po, step_learner),
+        Algorithm(ALGORITHM_FACTS["ddpo"], sample_ddpo, step_learner, prepare=ddpo_advantages),
+        pair_algorithm("diffusion_dpo", DIFFUSION_DPO),
+        pair_algorithm("mapo", MAPO),
+        pair_algorithm("diff_contrast", DIFF_CONTRAST),
+    )
+}
+
+
+def algorithm_of(cfg: Config) -> Algorithm:
+    return ALGORITHMS[cfg.algorithm.name]
+
