@@ -85,6 +85,7 @@ def test_step_rewards_are_measured_for_any_reward_with_the_samplers_function(tin
     assert jpeg.shape == (2,) and torch.isfinite(jpeg).all()
 
 
+@pytest.mark.slow
 def test_the_script_runs_the_experiments_package(tmp_path):
     """``python experiments/paper_claims.py`` (as README and docs/results.md run it) reaches experiments/claims:
     a merge of one folder's Table 3 rewrites its markdown."""
@@ -97,6 +98,7 @@ def test_the_script_runs_the_experiments_package(tmp_path):
     assert "| base model | 5.5000 |" in (tmp_path / "merged" / "table3_generalization.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_lora_switched_on_at_some_steps_is_the_base_model_elsewhere(tiny_pipe):
     """No step: the base model's chains; every step: the LoRA's; some steps: neither. Same noise throughout."""
     policy = fresh_policy(tiny_pipe)

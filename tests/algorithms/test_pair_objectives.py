@@ -417,6 +417,7 @@ class Brightness(TorchReward):
         return images.mean(dim=(1, 2, 3)) * scored
 
 
+@pytest.mark.slow
 def test_online_pairs_are_the_two_samples_of_a_prompt_ranked_by_reward(policy, tmp_path):
     prompts = ["a cat", "tie", "a dog"]
     rollout = final_image_pair_rollout(policy, Brightness(), prompts, torch.Generator().manual_seed(0))

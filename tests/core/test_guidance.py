@@ -34,6 +34,7 @@ def test_guidance_gradient_is_minus_two_delta_grad_r():
     assert (r(x_plus) > r(x)).all() and (r(x_minus) < r(x)).all()
 
 
+@pytest.mark.slow
 def test_guidance_moves_the_step_reward_on_noisy_samples_table1(policy):
     """Paper Table 1: over 100 noisy samples x_{t-1}, r_t(x^+) > r_t(x) and r_t(x^-) < r_t(x) for nearly all,
     with the reward differentiated through x0_hat (UNet), the VAE decoder and the reward model."""

@@ -171,6 +171,7 @@ def test_sdxl_lora_round_trip_into_a_fresh_pipeline(sdxl_policy, tmp_path):
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_tailorpo_train_on_tiny_sdxl(tmp_path):
     """`tailorpo train` end to end with model.pretrained=tiny-sdxl: the SDXL pipeline through the real trainer."""
     from tailorpo.config import load_config

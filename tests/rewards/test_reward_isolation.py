@@ -30,6 +30,7 @@ def imported_packages(importtime_log: str) -> set[str]:
             for line in importtime_log.splitlines() if line.startswith("import time:") and line.count("|") == 2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", REWARD_NAMES)
 def test_serve_reward_loads_neither_diffusers_nor_peft(name, tmp_path):
     """The real server process, started as ``reward.launch`` starts it, records every import it makes (Python's

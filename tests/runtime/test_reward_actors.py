@@ -27,6 +27,7 @@ def owner(tmp_path, monkeypatch):
     owner.stop()
 
 
+@pytest.mark.slow
 def test_launched_server_takes_the_token_and_tls_and_comes_back_after_a_kill(owner):
     """The server answers only TLS clients with the token; killed with SIGKILL, it is started again on the
     same port, and a call in flight (the client retrying UNAVAILABLE) is scored by the restarted server."""
@@ -55,6 +56,7 @@ def test_a_stopped_server_is_not_restarted(owner):
     assert owner.process.poll() is not None and owner.restarts == 0
 
 
+@pytest.mark.slow
 def test_launched_server_with_mutual_tls_is_probed_and_called_with_the_client_certificate(tmp_path):
     """tls_client_ca reaches the server; the owner's health probe, like the samplers' clients, presents
     reward.tls_client_cert (without it the handshake fails before health is asked)."""

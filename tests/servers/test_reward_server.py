@@ -252,6 +252,7 @@ def test_the_token_is_checked_before_the_request_is_read():
         assert GrpcReward([address], token="s3cret").score(images(1), ["a"]).scores.shape == (1,)
 
 
+@pytest.mark.slow
 def test_mutual_tls(tmp_path):
     """With --tls-client-ca only clients presenting a certificate that CA signed get past the handshake."""
     cert, key = self_signed_cert(tmp_path, "server")
@@ -277,6 +278,7 @@ def test_mutual_tls(tmp_path):
         (["--weights", "nowhere.pth"], "nowhere.pth"),
     ],
 )
+@pytest.mark.slow
 def test_serve_reward_refuses_bad_flags_naming_them(flags, expected):
     proc = subprocess.run([sys.executable, "-m", "tailorpo.cli", "serve-reward", "aesthetic", "--port", "0", *flags],
                           capture_output=True, text=True, timeout=120)
@@ -306,6 +308,7 @@ def start_concurrent_calls(service, request, count: int, timeout: float) -> tupl
     return threads, codes
 
 
+@pytest.mark.slow
 def test_deadline_and_backpressure():
     with reward_server("jpeg", "--max-wait-ms", "1500", "--max-queue", "2", "--max-batch-size", "64") as (address, _):
         service = stub(address)
@@ -320,6 +323,7 @@ def test_deadline_and_backpressure():
         assert grpc.StatusCode.OK in codes
 
 
+@pytest.mark.slow
 def test_a_caller_that_gave_up_frees_its_queue_slot_at_once():
     with reward_server("jpeg", "--max-wait-ms", "1500", "--max-queue", "1", "--max-batch-size", "64") as (address, _):
         service = stub(address)
@@ -332,6 +336,7 @@ def test_a_caller_that_gave_up_frees_its_queue_slot_at_once():
         assert len(service.Score(request, timeout=10).scores) == 1
 
 
+@pytest.mark.slow
 def test_full_queue_is_resource_exhausted_and_health_still_answers():
     """Each admitted call holds a handler thread; more calls than threads must be refused, not parked in
     grpc's own queue where health checks and Info would wait behind them."""
@@ -355,6 +360,7 @@ def test_full_queue_is_resource_exhausted_and_health_still_answers():
         assert codes.count(grpc.StatusCode.OK) == 20, codes
 
 
+@pytest.mark.slow
 def test_a_second_server_on_the_same_port_fails_naming_the_address():
     with reward_server("jpeg") as (address, _):
         port = address.rsplit(":", 1)[1]
@@ -381,6 +387,7 @@ def test_graceful_shutdown_finishes_in_flight_work():
         assert proc.wait(timeout=20) == 0
 
 
+@pytest.mark.slow
 def test_client_retries_a_killed_server_against_its_restart():
     with reward_server("jpeg", "--max-wait-ms", "2000") as (address, proc):
         port = address.rsplit(":", 1)[1]
@@ -412,6 +419,7 @@ def test_weighted_sum_of_rewards(colorfulness_server, jpeg_server):
     assert not total.differentiable
 
 
+@pytest.mark.slow
 def test_a_rollout_logs_each_summed_reward(colorfulness_server, jpeg_server, policy):
     """With several reward servers the run log shows each one's mean and std on the final images, which
     combine to the summed reward the rollout was ranked by."""
@@ -435,6 +443,7 @@ def test_a_non_loopback_bind_without_tls_warns():
         assert "warning" not in proc.stderr.read()
 
 
+@pytest.mark.slow
 def test_tls(tmp_path):
     cert, key = self_signed_cert(tmp_path, "server")
     other_ca, _ = self_signed_cert(tmp_path, "other")
@@ -446,6 +455,7 @@ def test_tls(tmp_path):
             GrpcReward([address], connect_timeout_s=2.0)  # plaintext client
 
 
+@pytest.mark.slow
 def test_guided_rollout_is_the_same_with_the_remote_reward(colorfulness_server, policy):
     """TailorPO-G through the wire: the server's d score / d image chains into the decoder and the UNet
     exactly as the in-process reward's autograd does."""
@@ -480,6 +490,7 @@ def test_train_against_a_reward_server_and_fail_fast_on_a_dead_one(colorfulness_
     assert proc.returncode == 2 and "127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["aesthetic", "imagereward", "pickscore", "hpsv2"])
 def test_learned_reward_servers_match_the_in_process_model(name):
     """Each learned reward behind the real server (tiny weights): Info, scores equal to calling the same
@@ -502,6 +513,7 @@ def test_learned_reward_servers_match_the_in_process_model(name):
         torch.testing.assert_close(remote.grad, expected_grad, atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_a_client_of_two_servers_survives_one_dead_server():
     with reward_server("jpeg") as (first, first_proc), reward_server("jpeg") as (second, _):
         client = GrpcReward([first, second], retries=3, backoff_s=0.05)
