@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-from tailorpo.config import ConfigError, load_config
+from tailorpo.config import Config, ConfigError, ConfigWarning, load_config
 from tailorpo.rewards.catalogue import REWARD_NAMES
 from tailorpo.rewards.service import ServerConfig
+
+
+def load_config_telling_warnings(path: str, overrides: list[str]) -> Config:
+    """The config, with each config warning told as one ``warning: ...`` line on stderr, as errors are told."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        cfg = load_config(path, overrides)
+    for warning in caught:
+        if issubclass(warning.category, ConfigWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +118,7 @@ def train_tiny_shapes(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config_telling_warnings(args.config, args.overrides)
     from tailorpo.rewards import RewardInputError
     from tailorpo.training.loop import train as run  # heavy imports only once the config is known to be good
 
@@ -126,7 +140,7 @@ def train(args: argparse.Namespace) -> int:
 def build_style_pairs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config_telling_warnings(args.config, args.overrides)
     from tailorpo.training.pair_builders import RECIPES  # heavy: only with a good config
     from tailorpo.training.pair_builders import build_style_pairs as build
 
@@ -149,7 +163,7 @@ def build_style_pairs(args: argparse.Namespace) -> int:
 
 
 def sample_pairs(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config_telling_warnings(args.config, args.overrides)
     from tailorpo.training.pair_builders import build_reward_pairs
 
     try:
@@ -188,7 +202,7 @@ def serve_reward(args: argparse.Namespace) -> int:
 def evaluate_lora(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config_telling_warnings(args.config, args.overrides)
     lora = Path(args.lora or Path(cfg.output_dir) / "lora")
     if not args.lora and not lora.exists():
         print(f"error: no LoRA at {lora} (the config's output_dir/lora); train first, or give --lora DIR",

@@ -9,12 +9,13 @@ values come from ddpo-pytorch's ``config/base.py`` (clip range 1e-4, advantage c
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from tailorpo.prompts import SIMPLE_ANIMALS
 from tailorpo.rewards.catalogue import REWARD_NAMES, reward_entry
@@ -32,6 +33,10 @@ from tailorpo.rewards.service import (
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names each offending field and how to fix it."""
+
+
+class ConfigWarning(UserWarning):
+    """A config that runs but probably not as meant; the message names the fields and the fixes."""
 
 
 class Section(BaseModel):
@@ -135,6 +140,51 @@ ALGORITHM_FACTS: dict[str, AlgorithmFacts] = {
 ALGORITHM_NAMES = tuple(ALGORITHM_FACTS)
 
 
+class RandomSteps(Section):
+    """``{random: m}``: m steps drawn per trajectory from the rollout's own generator, as ddpo-pytorch (Black et
+    al., arXiv 2305.13301) trains a random ``timestep_fraction`` of each trajectory's steps."""
+
+    random: int = Field(ge=1, description="Steps drawn per trajectory.")
+
+    def __str__(self) -> str:
+        return f"{{random: {self.random}}}"
+
+
+def _selection_kind(value: Any) -> str | None:
+    """Which form of a step selection ``value`` is, so a bad one gets one message instead of one per form."""
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict | RandomSteps):
+        return "random"
+    return "all" if value == "all" else None
+
+
+StepSelection = Annotated[
+    Annotated[list[int], Tag("list")] | Annotated[Literal["all"], Tag("all")] | Annotated[RandomSteps, Tag("random")],
+    Discriminator(_selection_kind, custom_error_type="step_selection",
+                  custom_error_message="give a list of steps k, 'all', or {random: m}"),
+]
+
+
+def steps_k(selection: StepSelection, num_steps: int) -> list[int]:
+    """Every step k (descending) a selection may pick: its list, or all num_steps for 'all' and {random: m}."""
+    if isinstance(selection, list):
+        return sorted(selection, reverse=True)
+    return list(range(num_steps, 0, -1))
+
+
+def step_list_problems(field: str, steps: list[int], num_steps: int) -> list[str]:
+    """What is wrong with an explicit list of steps k of a num_steps chain, naming ``field``."""
+    problems = []
+    bad = [k for k in steps if not 1 <= k <= num_steps]
+    if len(set(steps)) != len(steps):
+        problems.append(f"{field}: {steps} repeats a step; list each step once")
+    if bad or not steps:
+        problems.append(f"{field}: {bad or 'empty'} not in 1..sampling.num_steps={num_steps}; give steps k with "
+                        "1 <= k <= num_steps")
+    return problems
+
+
 class AlgorithmConfig(Section):
     name: Literal[ALGORITHM_NAMES] = Field(
         "tailorpo", description="Step-wise or trajectory objectives: tailorpo, tailorpo_g, d3po, ddpo. On pairs "
@@ -143,8 +193,17 @@ class AlgorithmConfig(Section):
     )
     fine_tuned_steps: list[int] = Field(
         [20, 16, 12, 8, 4],
-        description="Steps k (x_k -> x_{k-1}, k = T..1) that branch and train. D3PO and DDPO train on the same "
-        "steps for like-for-like comparisons (D3PO's own code trains all T: list them all to match it).",
+        description="Steps k (x_k -> x_{k-1}, k = T..1) that branch and train, unless branch_steps or train_steps "
+        "say otherwise. D3PO and DDPO train on the same steps for like-for-like comparisons (D3PO's own code "
+        "trains all T: list them all to match it).",
+    )
+    branch_steps: StepSelection | None = Field(
+        None, description="Where the sampler branches (TailorPO) or records transitions (D3PO, DDPO): a list of "
+        "steps k, 'all', or {random: m} drawn per trajectory; null: fine_tuned_steps."
+    )
+    train_steps: StepSelection | None = Field(
+        None, description="Where the learner trains, a subset of the branch steps: a list of steps k, 'all', or "
+        "{random: m} of each trajectory's branch steps; null: every branch step."
     )
     beta: float = Field(0.1, gt=0, description="DPO temperature.")
     ratio_clip: float | None = Field(
@@ -158,11 +217,53 @@ class AlgorithmConfig(Section):
     def facts(self) -> AlgorithmFacts:
         return ALGORITHM_FACTS[self.name]
 
+    @property
+    def branch_selection(self) -> tuple[str, StepSelection]:
+        """(field, selection) of where the sampler branches: branch_steps, else fine_tuned_steps."""
+        if self.branch_steps is None:
+            return "algorithm.fine_tuned_steps", self.fine_tuned_steps
+        return "algorithm.branch_steps", self.branch_steps
+
+    @property
+    def train_selection(self) -> tuple[str, StepSelection]:
+        """(field, selection) of where the learner trains: train_steps, else the branch steps."""
+        if self.train_steps is None:
+            return self.branch_selection
+        return "algorithm.train_steps", self.train_steps
+
+    def train_outside_branch(self, num_steps: int) -> str | None:
+        """Why train_steps are not within the branch steps (the learner trains only on transitions the sampler
+        made), or None."""
+        if self.train_steps is None:
+            return None
+        branch_field, branch = self.branch_selection
+        available = branch.random if isinstance(branch, RandomSteps) else len(steps_k(branch, num_steps))
+        if isinstance(self.train_steps, RandomSteps):
+            if self.train_steps.random > available:
+                return (f"algorithm.train_steps: {self.train_steps} draws more steps per trajectory than "
+                        f"{branch_field} gives ({available}); draw at most {available}")
+            return None
+        if isinstance(branch, RandomSteps):
+            return (f"algorithm.train_steps: fixed steps need fixed branch steps, and {branch_field} is {branch}; "
+                    f"use train_steps {{random: m}} with m <= {branch.random}, or null")
+        missing = sorted(set(steps_k(self.train_steps, num_steps)) - set(steps_k(branch, num_steps)), reverse=True)
+        if missing:
+            return (f"algorithm.train_steps: steps {missing} are not branch steps ({branch_field}="
+                    f"{steps_k(branch, num_steps)}); the learner trains only on transitions the sampler made: add "
+                    f"them to {branch_field} or drop them from algorithm.train_steps")
+        return None
+
 
 class LoraSettings(Section):
     rank: int = Field(4, ge=1)
     alpha: float = Field(4.0, gt=0)
     target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    active_steps: Literal["all", "trained"] | list[int] = Field(
+        "all", description="Steps k where the LoRA acts, in sampling, evaluation and `tailorpo eval`: 'all' (what "
+        "diffusers' load_lora_weights gives), 'trained' (the steps the learner trains; the base model at the "
+        "others), or a list of steps k that includes the trained ones. The gate is saved next to the LoRA file "
+        "(lora/adapter_steps.json)."
+    )
 
 
 class OptimConfig(Section):
@@ -263,6 +364,11 @@ class EvalConfig(Section):
 class LogConfig(Section):
     wandb: bool = Field(False, description="Mirror scalars and grids to Weights & Biases (pip install wandb).")
     wandb_project: str = "tailorpo"
+    reward_gradient_cosine: bool = Field(
+        False, description="Per fine-tuned step, log the cosine between the LoRA's shift of the DDIM mean and the "
+        "step reward's gradient (TailorPO, TailorPO-G, D3PO; skipped for a reward without gradients). Costs a UNet "
+        "forward and backward and a decode backward per step and rollout."
+    )
 
 
 class TrainConfig(Section):
@@ -367,18 +473,58 @@ class Config(Section):
         """A pair objective with pairs.source: it reads its pairs in one process (``training.pair_loop``)."""
         return self.algorithm.facts.pair_objective and bool(self.pairs.source)
 
+    def trained_steps(self) -> list[int]:
+        """Every step k (descending) some trajectory may train on: all of them for the pair objectives, which
+        train at random noise levels."""
+        num_steps = self.sampling.num_steps
+        if self.algorithm.facts.pair_objective:
+            return steps_k("all", num_steps)
+        _, selection = self.algorithm.train_selection
+        if isinstance(selection, RandomSteps):  # m of each trajectory's branch steps: any branch step
+            _, selection = self.algorithm.branch_selection
+        return steps_k(selection, num_steps)
+
+    def adapter_steps(self) -> list[int] | None:
+        """The steps k (descending) where the LoRA acts (lora.active_steps); None: every step."""
+        active = self.lora.active_steps
+        if active == "all":
+            return None
+        steps = self.trained_steps() if active == "trained" else sorted(active, reverse=True)
+        return None if len(steps) == self.sampling.num_steps else steps
+
+    def untrained_adapter_steps(self) -> list[int]:
+        """Steps k where the LoRA acts although the learner never trains there: it moves the chain at those steps
+        with weights fitted at others."""
+        active = self.adapter_steps() or steps_k("all", self.sampling.num_steps)
+        trained = set(self.trained_steps())
+        return [k for k in active if k not in trained]
+
+    def step_problems(self) -> list[str]:
+        """The step selections' own checks, train within branch, and a gate that covers the trained steps."""
+        num_steps, algo = self.sampling.num_steps, self.algorithm
+        problems = step_list_problems("algorithm.fine_tuned_steps", algo.fine_tuned_steps, num_steps)
+        selections = {"algorithm.branch_steps": algo.branch_steps, "algorithm.train_steps": algo.train_steps,
+                      "lora.active_steps": self.lora.active_steps}
+        for field, selection in selections.items():
+            if isinstance(selection, list):
+                problems += step_list_problems(field, selection, num_steps)
+            elif isinstance(selection, RandomSteps) and selection.random > num_steps:
+                problems.append(f"{field}: {selection} draws more than sampling.num_steps={num_steps} steps; give "
+                                f"m <= {num_steps}")
+        if problems:  # the checks below assume valid lists
+            return problems
+        if outside := algo.train_outside_branch(num_steps):
+            problems.append(outside)
+        if isinstance(self.lora.active_steps, list):
+            ungated = sorted(set(self.trained_steps()) - set(self.lora.active_steps), reverse=True)
+            if ungated:
+                problems.append(f"lora.active_steps: misses the trained steps {ungated} ({algo.train_selection[0]}); "
+                                "the learner can train the LoRA only where it acts: list them, or use 'trained'")
+        return problems
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        problems = []
-        steps = self.algorithm.fine_tuned_steps
-        bad_steps = [k for k in steps if not 1 <= k <= self.sampling.num_steps]
-        if len(set(steps)) != len(steps):
-            problems.append(f"algorithm.fine_tuned_steps: {steps} repeats a step; list each step once")
-        if bad_steps or not steps:
-            problems.append(
-                f"algorithm.fine_tuned_steps: {bad_steps or 'empty'} not in 1..sampling.num_steps="
-                f"{self.sampling.num_steps}; give steps k with 1 <= k <= num_steps"
-            )
+        problems = self.step_problems()
         if self.reward.launch and not self.runtime.samplers:
             problems.append("reward.launch: servers are started as Ray actors; set runtime.samplers > 0, or start "
                             "them with `tailorpo serve-reward` and list them in reward.servers")
@@ -446,11 +592,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
+def untrained_steps_warning(cfg: Config) -> str | None:
+    """The warning for a LoRA that acts at steps the learner never trains, naming them and the two fixes."""
+    untrained = cfg.untrained_adapter_steps()
+    if not untrained:
+        return None
+    field, selection = cfg.algorithm.train_selection
+    return (f"lora.active_steps={cfg.lora.active_steps!r}: the LoRA acts at steps k = {untrained}, which are never "
+            f"trained ({field}={selection}), with weights fitted at the other steps. Train them (list them in "
+            "algorithm.fine_tuned_steps, or algorithm.branch_steps: all, optionally with algorithm.train_steps: "
+            "{random: m}) or gate the adapter to the trained steps (lora.active_steps: trained).")
+
+
 def build_config(tree: dict[str, Any], source: str = "") -> Config:
+    """A validated config; warns (ConfigWarning) when it runs but probably not as meant."""
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+    if message := untrained_steps_warning(cfg):
+        warnings.warn(ConfigWarning(message), stacklevel=3)  # the caller of load_config
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

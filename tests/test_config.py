@@ -85,6 +85,20 @@ def test_dumped_config_loads_back_equal(tmp_path):
     cfg = load_config("launch/tiny.yaml", ["optim.lr=5e-4"])
     dump_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+    steps = load_config("launch/tiny.yaml", ["algorithm.branch_steps=all", "algorithm.train_steps={random: 5}",
+                                             "lora.active_steps=trained"])
+    dump_config(steps, tmp_path / "steps.yaml")
+    assert load_config(tmp_path / "steps.yaml") == steps and steps.algorithm.train_steps.random == 5
+
+
+def test_fine_tuned_steps_alone_set_where_the_sampler_branches_and_the_learner_trains():
+    cfg = load_config(None, ["algorithm.fine_tuned_steps=[20, 10]"])
+    assert (cfg.algorithm.branch_steps, cfg.algorithm.train_steps, cfg.lora.active_steps) == (None, None, "all")
+    assert cfg.algorithm.branch_selection == cfg.algorithm.train_selection == ("algorithm.fine_tuned_steps", [20, 10])
+    assert cfg.trained_steps() == [20, 10] and cfg.adapter_steps() is None
+    split = load_config(None, ["algorithm.branch_steps=[20, 15, 10]", "algorithm.train_steps=[15]",
+                               "lora.active_steps=trained"])
+    assert split.trained_steps() == [15] and split.adapter_steps() == [15] and split.untrained_adapter_steps() == []
 
 
 def test_cli_rejects_a_bad_field_before_loading_any_model():
@@ -97,3 +111,14 @@ def test_cli_rejects_a_bad_field_before_loading_any_model():
     assert proc.returncode == 2
     assert "optim.lrr: unknown field" in proc.stderr and "Traceback" not in proc.stderr
     assert "diffusers loaded: False" in proc.stdout
+
+
+def test_the_cli_tells_a_config_warning_as_one_line(capsys):
+    """The default config leaves steps untrained while the LoRA acts on them: one `warning:` line names them."""
+    from tailorpo.cli import load_config_telling_warnings
+
+    load_config_telling_warnings("launch/tiny.yaml", [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: lora.active_steps='all'") and "k = [19," in err[0]
+    load_config_telling_warnings("launch/tiny.yaml", ["lora.active_steps=trained"])
+    assert capsys.readouterr().err == ""

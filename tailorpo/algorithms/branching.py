@@ -9,16 +9,20 @@ and the chain continues from x^w, whose UNet output at t-1 is the next step's ep
 ``BranchingConfig`` generalises this as SPO does (Liang et al., Step-aware Preference Optimization,
 arXiv 2406.04314): n >= 2 children with the pair best vs worst, pairs within a reward gap dropped, and the
 chain continued from a random child; and it offers a random-label control (winner = coin flip).
+
+Which steps branch may differ per trajectory (``steps.StepPlan``): at a step where only some rows branch, the
+others take a plain DDIM step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Collection
+from typing import Literal, NamedTuple
 
 import torch
 
-from tailorpo.algorithms.rollouts import Rollout, stack_pairs
+from tailorpo.algorithms.rollouts import Rollout, keep_trained, stack_pairs
+from tailorpo.algorithms.steps import StepPlan, as_plan
 from tailorpo.config import BranchingConfig, GuidanceConfig
 from tailorpo.core.ddim import ddim_sigma
 from tailorpo.core.guidance import cosine_eta_schedule, guide, guide_in_sigma_units
@@ -67,8 +71,8 @@ def step_reward_fn(
 
 
 def guidance_schedule(guidance: GuidanceConfig, fine_tuned_steps: list[int]) -> dict[int, float]:
-    """TailorPO-G's step size per fine-tuned step k: eta_t on the paper's cosine ramp (units 'reward') or the
-    fraction of sigma_t (units 'sigma'), as ``tailorpo_rollout``'s ``guidance_eta``."""
+    """TailorPO-G's step size per step k that may branch: eta_t on the paper's cosine ramp (units 'reward') or
+    the fraction of sigma_t (units 'sigma'), as ``tailorpo_rollout``'s ``guidance_eta``."""
     if guidance.units == "sigma":
         return dict.fromkeys(fine_tuned_steps, guidance.sigma_fraction)
     return cosine_eta_schedule(fine_tuned_steps, guidance.eta_min, guidance.eta_max)
@@ -91,73 +95,134 @@ def branch_pair(
     return torch.where(flip, worst, best), torch.where(flip, best, worst)
 
 
+def combine_rows(rows: torch.Tensor, inside: torch.Tensor | None, outside: torch.Tensor | None) -> torch.Tensor | None:
+    """A batch whose ``rows`` (bool) come from ``inside`` and whose other rows from ``outside``, in order; either
+    part alone when it is the whole batch (None when both are: no eps after the last step)."""
+    if bool(rows.all()) or outside is None:
+        return inside
+    if not bool(rows.any()) or inside is None:
+        return outside
+    merged = outside.new_empty((rows.shape[0], *outside.shape[1:]))
+    merged[rows], merged[~rows] = inside, outside
+    return merged
+
+
+class Branched(NamedTuple):
+    """One branching step of some rows: the chain's next x and eps, the pair, and x_0's image and reward when
+    the step was the last one and the child taken is x_0 itself."""
+
+    x: torch.Tensor
+    eps: torch.Tensor | None
+    pair: dict[str, torch.Tensor]
+    final: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def branch_step(
+    policy: DiffusionPolicy,
+    reward: RewardModel,
+    i: int,
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    embeds: PromptEmbeds,
+    prompts: list[str],
+    generator: torch.Generator,
+    branching: BranchingConfig,
+    guidance_eta: float | None,
+    guidance_delta: float,
+    guidance_through_unet: bool,
+    guidance_units: Literal["reward", "sigma"],
+) -> Branched:
+    """Step index i of the rows given (x_t, its eps, their prompts): n children, ranked by the step-wise reward,
+    the winner guided up the reward with ``guidance_eta``, and the chain continued from the winner or a child."""
+    batch, last, n = x.shape[0], i + 1 == policy.num_steps, branching.children
+    children = sample_children(policy, i, eps, x, generator, n)  # (n, B, C, h, w)
+    flat = children.flatten(0, 1)
+    eps_flat = None if last else policy.eps(flat, i + 1, embeds.repeat(n))
+    images = policy.decode(policy.predict_x0_after(i, flat, eps_flat)).unflatten(0, (n, batch))
+    scores = reward.score(images.flatten(0, 1), prompts * n).scores.to(x.device).view(n, batch)
+    eps_children = None if last else eps_flat.unflatten(0, (n, batch))
+    w, l = branch_pair(scores, branching.labels, generator)
+    x_w, x_l, r_w, r_l = pick(children, w), pick(children, l), pick(scores, w), pick(scores, l)
+    eps_w = None if last else pick(eps_children, w)
+    if guidance_eta is not None:
+        fixed = None if guidance_through_unet else eps_w
+        r_t = step_reward_fn(policy, reward, i, embeds, prompts, fixed)
+        if guidance_units == "sigma":
+            sigma = ddim_sigma(*policy.alphas[i], policy.eta)
+            x_w, _ = guide_in_sigma_units(x_w, r_t, sigma, guidance_eta, increase=True)
+        else:
+            x_w, _ = guide(x_w, r_t, guidance_eta, guidance_delta, increase=True)
+        eps_w = None if last else policy.eps(x_w, i + 1, embeds)  # x^+ moved: its eps is new
+    valid = gap_is_valid(r_w, r_l, branching.min_reward_gap)
+    pair = {"step": torch.full((batch,), i, device=x.device), "x_t": x, "x_w": x_w, "x_l": x_l, "r_w": r_w,
+            "r_l": r_l, "valid": valid}
+    if branching.continue_from == "winner":
+        nxt, x_next, eps_next = w, x_w, eps_w
+    else:  # SPO: a uniformly random child, the winner as guidance left it
+        nxt = uniform_index(n, batch, generator, x.device)
+        stays = (nxt == w).view(-1, *([1] * (x.ndim - 1)))
+        x_next = torch.where(stays, x_w, pick(children, nxt))
+        eps_next = None if last else torch.where(stays, eps_w, pick(eps_children, nxt))
+    # the child is x_0: its image and reward are known, never decode twice
+    final = (pick(images, nxt), pick(scores, nxt)) if last and guidance_eta is None else None
+    return Branched(x_next, eps_next, pair, final)
+
+
 @torch.no_grad()
 def tailorpo_rollout(
     policy: DiffusionPolicy,
     reward: RewardModel,
     prompts: list[str],
     generator: torch.Generator,
-    fine_tuned_steps: list[int],
+    fine_tuned_steps: Collection[int] | StepPlan,
     guidance_eta: dict[int, float] | None = None,
     guidance_delta: float = 0.5,
     guidance_through_unet: bool = True,
     guidance_units: Literal["reward", "sigma"] = "reward",
     branching: BranchingConfig | None = None,
 ) -> Rollout:
-    """TailorPO (and TailorPO-G when ``guidance_eta`` maps each fine-tuned step k to eta_t, or with
+    """TailorPO (and TailorPO-G when ``guidance_eta`` maps each step k that may branch to eta_t, or with
     ``guidance_units='sigma'`` to the fraction of sigma_t the winner moves; see ``guidance_schedule``).
+    ``fine_tuned_steps``: the steps k where every row branches and trains, or a plan per row.
 
     Per branching step the generator draws the children's noise, then the coin flips of labels='random', then
-    the child to continue from with continue_from='random'; the defaults draw only the noise."""
+    the child to continue from with continue_from='random' (then, where only some rows branch, the other rows'
+    noise); the defaults draw only the noise."""
     if branching is None:
         branching = BranchingConfig()  # the paper's: two children, the winner continues
-    embeds = policy.encode_prompts(prompts)
     batch = len(prompts)
+    plan = as_plan(fine_tuned_steps, policy.num_steps, batch)
+    embeds = policy.encode_prompts(prompts)
     x = policy.initial_latents(batch, generator)
     eps = policy.eps(x, 0, embeds)
-    rows: list[dict[str, torch.Tensor]] = []
-    final: tuple[torch.Tensor, torch.Tensor] | None = None  # (image, reward) of x_0 when already scored
+    pairs: list[dict[str, torch.Tensor]] = []
+    final_images = final_scores = None  # of the rows whose x_0 a branch at the last step gave
+    known = torch.zeros(batch, dtype=torch.bool, device=x.device)
     for i in range(policy.num_steps):
-        k = policy.num_steps - i
         last = i + 1 == policy.num_steps
-        if k not in fine_tuned_steps:
-            x = policy.step(i, eps, x, noise=policy.noise(x.shape, generator)).prev_sample
-            eps = None if last else policy.eps(x, i + 1, embeds)
-            continue
-        n = branching.children
-        children = sample_children(policy, i, eps, x, generator, n)  # (n, B, C, h, w)
-        flat = children.flatten(0, 1)
-        eps_flat = None if last else policy.eps(flat, i + 1, embeds.repeat(n))
-        images = policy.decode(policy.predict_x0_after(i, flat, eps_flat)).unflatten(0, (n, batch))
-        scores = reward.score(images.flatten(0, 1), prompts * n).scores.to(x.device).view(n, batch)
-        eps_children = None if last else eps_flat.unflatten(0, (n, batch))
-        w, l = branch_pair(scores, branching.labels, generator)
-        x_w, x_l, r_w, r_l = pick(children, w), pick(children, l), pick(scores, w), pick(scores, l)
-        eps_w = None if last else pick(eps_children, w)
-        if guidance_eta is not None:
-            fixed = None if guidance_through_unet else eps_w
-            r_t = step_reward_fn(policy, reward, i, embeds, prompts, fixed)
-            if guidance_units == "sigma":
-                sigma = ddim_sigma(*policy.alphas[i], policy.eta)
-                x_w, _ = guide_in_sigma_units(x_w, r_t, sigma, guidance_eta[k], increase=True)
-            else:
-                x_w, _ = guide(x_w, r_t, guidance_eta[k], guidance_delta, increase=True)
-            eps_w = None if last else policy.eps(x_w, i + 1, embeds)  # x^+ moved: its eps is new
-        index = torch.full((batch,), i, device=x.device)
-        valid = gap_is_valid(r_w, r_l, branching.min_reward_gap)
-        rows.append({"step": index, "x_t": x, "x_w": x_w, "x_l": x_l, "r_w": r_w, "r_l": r_l, "valid": valid})
-        if branching.continue_from == "winner":
-            nxt, x, eps = w, x_w, eps_w
-        else:  # SPO: a uniformly random child, the winner as guidance left it
-            nxt = uniform_index(n, batch, generator, x.device)
-            stays = (nxt == w).view(-1, *([1] * (x.ndim - 1)))
-            x = torch.where(stays, x_w, pick(children, nxt))
-            eps = None if last else torch.where(stays, eps_w, pick(eps_children, nxt))
-        if last and guidance_eta is None:  # the child is x_0: its image and reward are known, never decode twice
-            final = (pick(images, nxt), pick(scores, nxt))
-    if final is None:
-        images = policy.decode(x)
-        final = (images, reward.score(images, prompts).scores.to(x.device))
-    pairs = stack_pairs(rows, batch, shared_parent=True)
-    ties = float((pairs.reward_w == pairs.reward_l).sum())
-    return Rollout(prompts, final[0], final[1], pairs, {"ties": ties})
+        rows = plan.branch[:, i].to(x.device)
+        branched = plain_x = plain_eps = None
+        if rows.any():
+            eta = None if guidance_eta is None else guidance_eta[policy.num_steps - i]
+            branched = branch_step(
+                policy, reward, i, x[rows], eps[rows], embeds.index(rows),
+                [p for p, b in zip(prompts, rows.tolist(), strict=True) if b], generator, branching, eta,
+                guidance_delta, guidance_through_unet, guidance_units,
+            )
+            pairs.append(branched.pair | {"prompt": rows.nonzero().flatten()})
+            if branched.final is not None:
+                known, (final_images, final_scores) = rows, branched.final
+        if not rows.all():  # a plain DDIM step for the rows that do not branch here
+            plain = ~rows
+            plain_x = policy.step(i, eps[plain], x[plain], noise=policy.noise(x[plain].shape, generator)).prev_sample
+            plain_eps = None if last else policy.eps(plain_x, i + 1, embeds.index(plain))
+        x = combine_rows(rows, branched and branched.x, plain_x)
+        eps = combine_rows(rows, branched and branched.eps, plain_eps)
+    if not known.all():
+        images = policy.decode(x[~known])
+        scores = reward.score(images, [p for p, k in zip(prompts, known.tolist(), strict=True) if not k])
+        final_images = combine_rows(known, final_images, images)
+        final_scores = combine_rows(known, final_scores, scores.scores.to(x.device))
+    data = keep_trained(stack_pairs(pairs, shared_parent=True), plan)
+    ties = float((data.reward_w == data.reward_l).sum())
+    return Rollout(prompts, final_images, final_scores, data, {"ties": ties})

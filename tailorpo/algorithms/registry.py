@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tailorpo.algorithms.branching import guidance_schedule, tailorpo_rollout
-from tailorpo.algorithms.learner import Learner, LoraLearner
+from tailorpo.algorithms.learner import Learner, LoraLearner, RewardSource
 from tailorpo.algorithms.pair_learner import (
     DIFF_CONTRAST,
     DIFFUSION_DPO,
@@ -28,13 +28,14 @@ from tailorpo.algorithms.rollouts import (
     ddpo_rollout,
     final_image_pair_rollout,
 )
-from tailorpo.config import ALGORITHM_FACTS, AlgorithmFacts, Config
+from tailorpo.algorithms.steps import step_plan
+from tailorpo.config import ALGORITHM_FACTS, AlgorithmFacts, Config, steps_k
 from tailorpo.core.objectives import PerPromptStatTracker
 from tailorpo.diffusion.policy import DiffusionPolicy
 from tailorpo.rewards import RewardModel
 
 SampleFn = Callable[[Config, DiffusionPolicy, RewardModel, list[str], torch.Generator], Rollout]
-LearnerFn = Callable[[Config, DiffusionPolicy], LoraLearner]
+LearnerFn = Callable[[Config, DiffusionPolicy, RewardSource], LoraLearner]
 PrepareFn = Callable[[Config, Rollout, PerPromptStatTracker], None]
 
 
@@ -42,7 +43,7 @@ PrepareFn = Callable[[Config, Rollout, PerPromptStatTracker], None]
 class Algorithm:
     facts: AlgorithmFacts
     sample: SampleFn  # one iteration's rollout for the given prompts, from the (seed, iteration, slot) stream
-    build_learner: LearnerFn  # the learner the online loop and the Ray learner train
+    build_learner: LearnerFn  # the learner the online loop and the Ray learner train (given a lazy reward)
     prepare: PrepareFn | None = None  # before training on a rollout, with the driver's per-prompt statistics
     pair_objective: PairObjective | None = None  # the loss on pairs of final images, also for pairs.source
 
@@ -54,11 +55,14 @@ class Algorithm:
 def sample_tailorpo(
     cfg: Config, policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator
 ) -> Rollout:
-    """TailorPO's branch pairs; with ``facts.differentiable_reward`` (TailorPO-G) the winner is guided."""
+    """TailorPO's branch pairs; with ``facts.differentiable_reward`` (TailorPO-G) the winner is guided (on the
+    cosine ramp over every step that may branch)."""
     algo = cfg.algorithm
-    eta = guidance_schedule(algo.guidance, algo.fine_tuned_steps) if algo.facts.differentiable_reward else None
+    plan = step_plan(algo, policy.num_steps, len(prompts), generator)
+    may_branch = steps_k(algo.branch_selection[1], policy.num_steps)
+    eta = guidance_schedule(algo.guidance, may_branch) if algo.facts.differentiable_reward else None
     return tailorpo_rollout(
-        policy, reward, prompts, generator, algo.fine_tuned_steps, guidance_eta=eta,
+        policy, reward, prompts, generator, plan, guidance_eta=eta,
         guidance_delta=algo.guidance.delta, guidance_through_unet=algo.guidance.through_unet,
         guidance_units=algo.guidance.units, branching=algo.branching,
     )
@@ -67,14 +71,16 @@ def sample_tailorpo(
 def sample_d3po(
     cfg: Config, policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator
 ) -> Rollout:
-    return d3po_rollout(policy, reward, prompts, generator, cfg.algorithm.fine_tuned_steps)
+    plan = step_plan(cfg.algorithm, policy.num_steps, len(prompts), generator)  # a row per prompt: its pair
+    return d3po_rollout(policy, reward, prompts, generator, plan)
 
 
 def sample_ddpo(
     cfg: Config, policy: DiffusionPolicy, reward: RewardModel, prompts: list[str], generator: torch.Generator
 ) -> Rollout:
     algo = cfg.algorithm
-    return ddpo_rollout(policy, reward, prompts, generator, algo.fine_tuned_steps, algo.ddpo.samples_per_prompt)
+    plan = step_plan(algo, policy.num_steps, len(prompts) * algo.ddpo.samples_per_prompt, generator)  # per chain
+    return ddpo_rollout(policy, reward, prompts, generator, plan, algo.ddpo.samples_per_prompt)
 
 
 def sample_final_image_pairs(
@@ -83,8 +89,9 @@ def sample_final_image_pairs(
     return final_image_pair_rollout(policy, reward, prompts, generator)
 
 
-def step_learner(cfg: Config, policy: DiffusionPolicy) -> Learner:
-    return Learner(policy, cfg.optim, cfg.algorithm)
+def step_learner(cfg: Config, policy: DiffusionPolicy, reward: RewardSource) -> Learner:
+    """The step-wise learner; it opens ``reward`` only for ``log.reward_gradient_cosine``."""
+    return Learner(policy, cfg.optim, cfg.algorithm, reward if cfg.log.reward_gradient_cosine else None)
 
 
 def ddpo_advantages(cfg: Config, rollout: Rollout, tracker: PerPromptStatTracker) -> None:
@@ -97,7 +104,7 @@ def pair_algorithm(name: str, objective: PairObjective) -> Algorithm:
     """A pair objective trained on the policy's own samples (two per prompt, ranked by the reward); its learner
     takes pairs.source batches too (``training.pair_loop``)."""
 
-    def build(cfg: Config, policy: DiffusionPolicy) -> LoraLearner:
+    def build(cfg: Config, policy: DiffusionPolicy, reward: RewardSource) -> LoraLearner:
         return build_pair_learner(cfg, policy, objective)
 
     return Algorithm(ALGORITHM_FACTS[name], sample_final_image_pairs, build, pair_objective=objective)

@@ -7,6 +7,7 @@
 - ``denoise``: the plain DDIM chain between any two steps (optionally with the LoRA on at some steps only).
 - ``trajectory_rollout``: independent DDIM chains recording the fine-tuned transitions, which D3PO ranks
   pairwise by final reward and DDPO weights by advantage. TailorPO's branching sampler is in branching.py.
+  Which steps each trajectory records and trains on is a ``steps.StepPlan``; ``keep_trained`` applies it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from tailorpo.algorithms.steps import StepPlan, as_plan
 from tailorpo.core.ddim import DDIMStep
 from tailorpo.core.ranking import order_by_winner, select_winner
-from tailorpo.diffusion.lora import reference_model
 from tailorpo.diffusion.policy import DiffusionPolicy, PromptEmbeds
 from tailorpo.rewards import RewardModel
 
@@ -92,13 +93,20 @@ def select_rows(data: PreferencePairs | PolicySteps, rows: torch.Tensor) -> Pref
     return map_tensors(data, lambda value: value[rows])
 
 
-def stack_pairs(rows: list[dict[str, torch.Tensor]], batch: int, shared_parent: bool) -> PreferencePairs:
-    """Concatenate per-step rows (keys: step, x_t, x_t_l, x_w, x_l, r_w, r_l, valid) into one container."""
+def keep_trained(data: PreferencePairs | PolicySteps, plan: StepPlan) -> PreferencePairs | PolicySteps:
+    """Only the rows the learner trains on (``plan.train`` at each row's trajectory and step); the data itself
+    when that is every row."""
+    keep = plan.train.to(data.step_index.device)[data.prompt_index, data.step_index]
+    return data if bool(keep.all()) else select_rows(data, keep)
+
+
+def stack_pairs(rows: list[dict[str, torch.Tensor]], shared_parent: bool) -> PreferencePairs:
+    """Concatenate per-step rows (keys: step, prompt, x_t, x_t_l, x_w, x_l, r_w, r_l, valid) into one container."""
     cat = lambda key: torch.cat([r[key] for r in rows])  # noqa: E731
     x_t_w = cat("x_t")
     return PreferencePairs(
         step_index=cat("step"),
-        prompt_index=torch.arange(batch, device=x_t_w.device).repeat(len(rows)),
+        prompt_index=cat("prompt"),
         x_t_w=x_t_w,
         x_next_w=cat("x_w"),
         x_t_l=x_t_w if shared_parent else cat("x_t_l"),
@@ -141,15 +149,15 @@ def denoise(
 ) -> torch.Tensor:
     """The DDIM chain from x (the input of step index ``start``) through step index ``stop - 1`` (default: to
     x_0), each step's noise drawn from ``generator``; returns the last latents. With ``lora_at`` the UNet's
-    LoRA is on only at those step indices (the base model elsewhere); ``on_step(i, x_t, step)`` sees every
-    transition."""
-    for i in range(start, policy.num_steps if stop is None else stop):
-        with nullcontext() if lora_at is None or i in lora_at else reference_model(policy.unet):
+    LoRA is on only at those step indices (the base model elsewhere; without it, where the policy's own gate
+    says); ``on_step(i, x_t, step)`` sees every transition."""
+    with nullcontext() if lora_at is None else policy.lora_only_at(lora_at):
+        for i in range(start, policy.num_steps if stop is None else stop):
             eps = policy.eps(x, i, embeds)
-        step = policy.step(i, eps, x, noise=policy.noise(x.shape, generator))
-        if on_step is not None:
-            on_step(i, x, step)
-        x = step.prev_sample
+            step = policy.step(i, eps, x, noise=policy.noise(x.shape, generator))
+            if on_step is not None:
+                on_step(i, x, step)
+            x = step.prev_sample
     return x
 
 
@@ -195,21 +203,22 @@ def d3po_rollout(
     reward: RewardModel,
     prompts: list[str],
     generator: torch.Generator,
-    fine_tuned_steps: list[int],
+    fine_tuned_steps: Collection[int] | StepPlan,
 ) -> Rollout:
     """D3PO: two trajectories per prompt, ranked by their final images; every fine-tuned step of the pair
-    inherits that ranking (Eq. 5)."""
+    inherits that ranking (Eq. 5). A plan has a row per prompt: both trajectories record the same steps."""
     batch = len(prompts)
-    ranked = rank_two_samples(policy, reward, prompts, generator, fine_tuned_steps)
+    plan = as_plan(fine_tuned_steps, policy.num_steps, batch)
+    ranked = rank_two_samples(policy, reward, prompts, generator, plan.recorded_steps())
     scores, winner_is_1, tie = ranked.scores, ranked.winner_is_1, ranked.tie
     r_w, r_l = order_by_winner(winner_is_1, scores[:batch], scores[batch:])
     rows = []
     for s in ranked.traj.steps:
         x_t_w, x_t_l = order_by_winner(winner_is_1, s["x_t"][:batch], s["x_t"][batch:])
         x_w, x_l = order_by_winner(winner_is_1, s["x_next"][:batch], s["x_next"][batch:])
-        rows.append(dict(step=s["step"][:batch], x_t=x_t_w, x_t_l=x_t_l, x_w=x_w, x_l=x_l, r_w=r_w, r_l=r_l,
-                         valid=~tie))
-    pairs = stack_pairs(rows, batch, shared_parent=False)
+        rows.append(dict(step=s["step"][:batch], prompt=torch.arange(batch, device=tie.device), x_t=x_t_w,
+                         x_t_l=x_t_l, x_w=x_w, x_l=x_l, r_w=r_w, r_l=r_l, valid=~tie))
+    pairs = keep_trained(stack_pairs(rows, shared_parent=False), plan)
     return Rollout(prompts * 2, ranked.traj.images, scores, pairs, {"ties": float(tie.sum())})
 
 
@@ -234,13 +243,14 @@ def ddpo_rollout(
     reward: RewardModel,
     prompts: list[str],
     generator: torch.Generator,
-    fine_tuned_steps: list[int],
+    fine_tuned_steps: Collection[int] | StepPlan,
     samples_per_prompt: int,
 ) -> Rollout:
     """DDPO: ``samples_per_prompt`` chains for each prompt, with their log-probs; advantages are the
-    driver's business (they need statistics across iterations)."""
+    driver's business (they need statistics across iterations). A plan has a row per chain."""
     batch_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    traj = trajectory_rollout(policy, policy.encode_prompts(batch_prompts), generator, fine_tuned_steps)
+    plan = as_plan(fine_tuned_steps, policy.num_steps, len(batch_prompts))
+    traj = trajectory_rollout(policy, policy.encode_prompts(batch_prompts), generator, plan.recorded_steps())
     scores = reward.score(traj.images, batch_prompts).scores.to(policy.device)
     cat = lambda key: torch.cat([s[key] for s in traj.steps])  # noqa: E731
     steps = PolicySteps(
@@ -250,4 +260,4 @@ def ddpo_rollout(
         x_next=cat("x_next"),
         old_log_prob=cat("log_prob"),
     )
-    return Rollout(batch_prompts, traj.images, scores, steps)
+    return Rollout(batch_prompts, traj.images, scores, keep_trained(steps, plan))

@@ -34,12 +34,17 @@ import torch
 import torch.nn.functional as F
 
 
+def log_ratio_bounds(ratio_clip: float) -> tuple[float, float]:
+    """[log(1 - c), log(1 + c)]: where D3PO's clamp of the ratio pi/pi_ref to [1 - c, 1 + c] puts log(pi/pi_ref)."""
+    return math.log(1 - ratio_clip), math.log(1 + ratio_clip)
+
+
 def clipped_log_ratio(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, ratio_clip: float | None) -> torch.Tensor:
     """log(pi / pi_ref), clamped to [log(1 - c), log(1 + c)] as D3PO clamps the ratio itself."""
     log_ratio = log_prob - ref_log_prob
     if ratio_clip is None:
         return log_ratio
-    return log_ratio.clamp(math.log(1 - ratio_clip), math.log(1 + ratio_clip))
+    return log_ratio.clamp(*log_ratio_bounds(ratio_clip))
 
 
 def dpo_logits(

@@ -1,4 +1,4 @@
-"""LoRA on the UNet via peft: attach, switch off for the reference model, save and load strictly."""
+"""LoRA on the UNet via peft: attach, switch off for the reference model (or at some steps), save and load strictly."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 
@@ -30,9 +31,19 @@ def lora_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 
 
+def adapters_enabled(unet: UNet2DConditionModel) -> bool:
+    """Whether the UNet's LoRA layers currently act (peft switches them all together)."""
+    layer = next((m for m in unet.modules() if isinstance(m, BaseTunerLayer)), None)
+    return layer is not None and not layer.disable_adapters
+
+
 @contextmanager
 def reference_model(unet: UNet2DConditionModel) -> Iterator[None]:
-    """pi_ref: the same UNet with its LoRA adapter disabled. No second copy of the weights is kept."""
+    """pi_ref: the same UNet with its LoRA adapter disabled. No second copy of the weights is kept. Nested
+    blocks (a step-gated policy evaluated as the base model) leave the switch to the outermost one."""
+    if not adapters_enabled(unet):
+        yield
+        return
     unet.disable_adapters()
     try:
         yield
@@ -40,8 +51,22 @@ def reference_model(unet: UNet2DConditionModel) -> Iterator[None]:
         unet.enable_adapters()
 
 
-def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
-    """Save the UNet LoRA so that ``StableDiffusionPipeline.load_lora_weights(directory)`` loads it."""
+@dataclass(frozen=True)
+class AdapterSteps:
+    """The steps k (x_k -> x_{k-1}, k = num_steps..1) at which a step-gated LoRA acts; the base model acts at the
+    others. A LoRA file cannot say this: ``save_lora`` writes it next to the file (ADAPTER_STEPS_FILE), and
+    ``tailorpo eval`` honours it; diffusers' ``load_lora_weights`` ignores it and applies the LoRA at every step."""
+
+    active: tuple[int, ...]
+    num_steps: int
+
+
+ADAPTER_STEPS_FILE = "adapter_steps.json"
+
+
+def save_lora(unet: UNet2DConditionModel, directory: str | Path, steps: AdapterSteps | None = None) -> Path:
+    """Save the UNet LoRA so that ``StableDiffusionPipeline.load_lora_weights(directory)`` loads it, and with
+    ``steps`` the steps it is gated to (a LoRA saved ungated removes an older gate from the folder)."""
     # peft's own key names: diffusers' legacy conversion renames only attention layers, and a file that
     # mixes both namings loads partially.
     state = get_peft_model_state_dict(unet)
@@ -50,6 +75,11 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
     StableDiffusionPipeline.save_lora_weights(
         directory, unet_lora_layers=state, safe_serialization=True, unet_lora_adapter_metadata=metadata
     )
+    gate = Path(directory) / ADAPTER_STEPS_FILE
+    if steps is None:
+        gate.unlink(missing_ok=True)
+    else:
+        gate.write_text(json.dumps({"active_steps": list(steps.active), "num_steps": steps.num_steps}) + "\n")
     return Path(directory)
 
 
@@ -64,11 +94,26 @@ class LoraLoadError(ValueError):
 @dataclass
 class SavedLora:
     """A UNet LoRA as ``save_lora`` writes it: peft's key names, and the adapter's LoraConfig fields (``r``,
-    ``lora_alpha``, ``target_modules``, ...) when the file records them (None for files saved without)."""
+    ``lora_alpha``, ``target_modules``, ...) when the file records them (None for files saved without); ``steps``
+    when it was saved step-gated (None: it acts at every step)."""
 
     path: Path
     state: dict[str, torch.Tensor]
     lora_config: dict[str, Any] | None
+    steps: AdapterSteps | None = None
+
+
+def read_adapter_steps(directory: Path) -> AdapterSteps | None:
+    """The gate ``save_lora`` wrote next to the LoRA file, if any."""
+    path = directory / ADAPTER_STEPS_FILE
+    if not path.is_file():
+        return None
+    try:
+        fields = json.loads(path.read_text())
+        return AdapterSteps(tuple(int(k) for k in fields["active_steps"]), int(fields["num_steps"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise LoraLoadError(f"{path} is not a step gate as tailorpo train writes it ({err!r}); delete it to apply "
+                            "the LoRA at every step") from None
 
 
 def read_lora(directory: str | Path) -> SavedLora:
@@ -92,7 +137,8 @@ def read_lora(directory: str | Path) -> SavedLora:
     if "lora_adapter_metadata" in metadata:
         fields = json.loads(metadata["lora_adapter_metadata"])
         lora_config = {key.removeprefix(UNET_PREFIX): value for key, value in fields.items()}
-    return SavedLora(path, {key.removeprefix(UNET_PREFIX): value for key, value in state.items()}, lora_config)
+    state = {key.removeprefix(UNET_PREFIX): value for key, value in state.items()}
+    return SavedLora(path, state, lora_config, read_adapter_steps(Path(directory)))
 
 
 def lora_mismatches(expected: dict[str, torch.Size], found: dict[str, torch.Size]) -> list[str]:

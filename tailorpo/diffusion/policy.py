@@ -2,18 +2,21 @@
 
 A thin layer over a diffusers pipeline that the samplers and the learner share, so both compute the same
 eps for the same (x_t, t, c). It counts UNet evaluations and VAE decodes per image, which tests and benchmarks read.
+Optionally its LoRA acts only at some steps (``lora_at``): a LoRA trained at a few steps of the chain need not
+act at the others, where it was never fitted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from tailorpo.core.ddim import DDIMStep, LogProbReduction, ddim_mean, ddim_sigma, ddim_step, predict_x0
+from tailorpo.diffusion.lora import AdapterSteps, reference_model
 from tailorpo.diffusion.pipeline import Pipeline
 
 
@@ -69,7 +72,8 @@ def check_schedule(alphas: list[tuple[float, float]], eta: float) -> None:
 
 class DiffusionPolicy:
     """Step k of ``num_steps`` (paper numbering, k = num_steps..1) maps x_k -> x_{k-1}; index i = num_steps - k
-    into the scheduler's descending timesteps."""
+    into the scheduler's descending timesteps. ``lora_at``: the step indices i where the UNet's LoRA acts in
+    ``eps`` (the base model at the others); None: every step."""
 
     def __init__(
         self,
@@ -80,6 +84,7 @@ class DiffusionPolicy:
         resolution: int = 512,
         logprob_reduction: LogProbReduction = "mean",
         autocast_dtype: torch.dtype | None = None,
+        lora_at: Collection[int] | None = None,
     ) -> None:
         self.pipe = pipe
         self.unet = pipe.unet
@@ -89,6 +94,7 @@ class DiffusionPolicy:
         self.resolution = resolution
         self.logprob_reduction: LogProbReduction = logprob_reduction
         self.autocast_dtype = autocast_dtype
+        self.lora_at = None if lora_at is None else frozenset(lora_at)
         pipe.scheduler.set_timesteps(num_steps)
         self.timesteps = [int(t) for t in pipe.scheduler.timesteps]
         self.alphas = [step_alphas(pipe.scheduler, t) for t in self.timesteps]  # (alpha_bar_t, alpha_bar_prev)
@@ -104,6 +110,29 @@ class DiffusionPolicy:
     def latent_shape(self) -> tuple[int, int, int]:
         factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         return (self.unet.config.in_channels, self.resolution // factor, self.resolution // factor)
+
+    @property
+    def adapter_steps(self) -> AdapterSteps | None:
+        """The gate in paper numbering, as ``save_lora`` records it; None when the LoRA acts at every step."""
+        if self.lora_at is None:
+            return None
+        return AdapterSteps(tuple(sorted((self.num_steps - i for i in self.lora_at), reverse=True)), self.num_steps)
+
+    @contextmanager
+    def lora_only_at(self, step_indices: Collection[int]) -> Iterator[None]:
+        """Within the block the LoRA acts at ``step_indices`` only, whatever the policy's own gate."""
+        saved, self.lora_at = self.lora_at, frozenset(step_indices)
+        try:
+            yield
+        finally:
+            self.lora_at = saved
+
+    def adapter_at(self, step_index: int) -> AbstractContextManager:
+        """The UNet as it acts at step ``step_index``: the LoRA on, or off where the gate excludes the step
+        (peft's switch: no second UNet)."""
+        if self.lora_at is None or step_index in self.lora_at:
+            return nullcontext()
+        return reference_model(self.unet)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
@@ -130,16 +159,17 @@ class DiffusionPolicy:
 
     def eps(self, x: torch.Tensor, step_index: int, embeds: PromptEmbeds) -> torch.Tensor:
         """Classifier-free guided eps_theta(x_t, t, c) = eps_u + s (eps_c - eps_u), one batched UNet call on the
-        rows [uncond; cond] (the order of diffusers' SD and SDXL pipelines)."""
+        rows [uncond; cond] (the order of diffusers' SD and SDXL pipelines), with the LoRA as gated at the step."""
         self.unet_evals += x.shape[0]
         sdxl = embeds.time_ids is not None
-        out = self._unet_eps(
-            torch.cat([x, x]),
-            self.timesteps[step_index],
-            torch.cat([embeds.uncond, embeds.cond]),
-            torch.cat([embeds.pooled_uncond, embeds.pooled_cond]) if sdxl else None,
-            torch.cat([embeds.time_ids, embeds.time_ids]) if sdxl else None,
-        )
+        with self.adapter_at(step_index):
+            out = self._unet_eps(
+                torch.cat([x, x]),
+                self.timesteps[step_index],
+                torch.cat([embeds.uncond, embeds.cond]),
+                torch.cat([embeds.pooled_uncond, embeds.pooled_cond]) if sdxl else None,
+                torch.cat([embeds.time_ids, embeds.time_ids]) if sdxl else None,
+            )
         eps_uncond, eps_cond = out.chunk(2)
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 

@@ -88,7 +88,7 @@ class LearnerWorker:
         self.cfg = Config.model_validate(cfg)
         seed_everything(self.cfg.seed)
         self.policy = build_policy(self.cfg, resolve_device(self.cfg.device))
-        self.learner = build_learner(self.cfg, self.policy)
+        self.learner = build_learner(self.cfg, self.policy, lambda: self.reward)
         ddpo = self.cfg.algorithm.ddpo
         self.tracker = PerPromptStatTracker(ddpo.stat_buffer_size, ddpo.stat_min_count)
         self.updates_before = 0
@@ -140,5 +140,5 @@ class LearnerWorker:
         return end_of_iteration(self.cfg, self.policy, lambda: self.reward, self.learner, self.tracker, before,
                                 progress, prompt_state)
 
-    def finish(self, samples: int, seconds: float, figures: dict[str, float | None]) -> RunSummary:
+    def finish(self, samples: int, seconds: float, figures: dict[str, float | dict | None]) -> RunSummary:
         return finish_run(self.cfg, self.policy, self.reward, self.learner, samples, seconds, figures)

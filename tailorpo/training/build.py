@@ -9,7 +9,7 @@ import random
 import numpy as np
 import torch
 
-from tailorpo.algorithms.learner import LoraLearner
+from tailorpo.algorithms.learner import LoraLearner, RewardSource
 from tailorpo.algorithms.registry import algorithm_of
 from tailorpo.config import Config, ConfigError
 from tailorpo.diffusion.lora import add_lora
@@ -37,7 +37,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
-    """Load the base pipeline, attach a fresh LoRA, and wrap it as the sampling/training policy."""
+    """Load the base pipeline, attach a fresh LoRA, and wrap it as the sampling/training policy (its LoRA gated
+    to the steps lora.active_steps names)."""
     pipe = load_pipeline(cfg.model.pretrained, cfg.model.revision, DTYPES[cfg.model.dtype], str(device))
     add_lora(pipe.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
     autocast = torch.bfloat16 if cfg.optim.mixed_precision == "bf16" else None
@@ -49,12 +50,14 @@ def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
         resolution=cfg.model.resolution,
         logprob_reduction=cfg.sampling.logprob_reduction,
         autocast_dtype=autocast,
+        lora_at=None if (steps := cfg.adapter_steps()) is None else {cfg.sampling.num_steps - k for k in steps},
     )
 
 
-def build_learner(cfg: Config, policy: DiffusionPolicy) -> LoraLearner:
-    """The configured algorithm's learner (for a pair objective: on the policy's own samples)."""
-    return algorithm_of(cfg).build_learner(cfg, policy)
+def build_learner(cfg: Config, policy: DiffusionPolicy, reward: RewardSource) -> LoraLearner:
+    """The configured algorithm's learner (for a pair objective: on the policy's own samples). ``reward`` opens
+    the run's reward, for learners whose diagnostics need it (``log.reward_gradient_cosine``)."""
+    return algorithm_of(cfg).build_learner(cfg, policy, reward)
 
 
 def build_reward_model(cfg: Config) -> RewardModel:

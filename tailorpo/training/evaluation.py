@@ -98,13 +98,18 @@ def refuse_launched_servers(cfg: Config) -> None:
 
 
 def lora_settings(cfg: Config, saved: SavedLora) -> Config:
-    """The config with the LoRA's own rank, alpha and targets when its file records them (older files: the
-    config's lora section, which must then match the run's; alpha cannot be checked)."""
+    """The config with the LoRA's own rank, alpha and targets when its file records them, and the steps it acts
+    at (its folder's adapter_steps.json; without one, every step). Older files: the config's lora section,
+    which must then match the run's; alpha cannot be checked."""
     if saved.lora_config is None:
         return cfg
-    saved_config = saved.lora_config
+    saved_config, steps = saved.lora_config, saved.steps
+    if steps is not None and steps.num_steps != cfg.sampling.num_steps:
+        raise ConfigError(f"sampling.num_steps: the LoRA in {saved.path.parent} acts at steps {list(steps.active)} "
+                          f"of a {steps.num_steps}-step chain; evaluate it with sampling.num_steps={steps.num_steps}")
     lora = LoraSettings(rank=saved_config["r"], alpha=saved_config["lora_alpha"],
-                        target_modules=sorted(saved_config["target_modules"]))
+                        target_modules=sorted(saved_config["target_modules"]),
+                        active_steps="all" if steps is None else list(steps.active))
     return cfg.model_copy(update={"lora": lora})
 
 
@@ -126,6 +131,8 @@ def run_eval(cfg: Config, lora_dir: Path, out: Path) -> list[ResultRow]:
     header = (f"LoRA `{lora_dir}` vs base `{cfg.model.pretrained}`: {len(settings.prompts)} prompts x "
               f"{settings.images_per_prompt} images, each pair from the same noise (eval.seed {settings.seed}, "
               f"{cfg.sampling.num_steps} DDIM steps, guidance {cfg.sampling.guidance_scale:g})."
-              + (f" grid.png shows the first {GRID_PROMPTS}." if len(settings.prompts) > GRID_PROMPTS else ""))
+              + (f" grid.png shows the first {GRID_PROMPTS}." if len(settings.prompts) > GRID_PROMPTS else "")
+              + (f" The LoRA acts at steps k = {gate} only, as trained (adapter_steps.json); the base model at the "
+                 "others." if (gate := cfg.adapter_steps()) else ""))
     write_report(out, rows, comparison_grid(base.images, lora.images, settings.images_per_prompt), header)
     return rows

@@ -137,7 +137,7 @@ def compare_with_base(
 
 def finish_run(
     cfg: Config, policy: DiffusionPolicy, reward: RewardModel, learner: LoraLearner, samples: int, seconds: float,
-    figures: dict[str, float | None],
+    figures: dict[str, float | dict | None],
 ) -> RunSummary:
     """Apply pending gradients, save the LoRA, evaluate base vs trained on fixed seeds, write the grid and
     the summary (``figures``: the run log's throughput totals)."""
@@ -145,7 +145,7 @@ def finish_run(
     if learner.pending_iterations:
         learner.apply_gradients()
     learner.persist()
-    save_lora(policy.unet, out / "lora")
+    save_lora(policy.unet, out / "lora", policy.adapter_steps)
     base, trained = compare_with_base(policy, reward, cfg.eval)
     comparison_grid(base.images, trained.images, cfg.eval.images_per_prompt).save(out / "samples.png")
     summary = RunSummary(
@@ -189,7 +189,7 @@ def end_of_iteration(
         samples = evaluate(policy, scorer, cfg.eval)
         snapshot = EvalSnapshot(learner.updates, samples.scores[scorer.name], samples.images)
     if due.save_lora:
-        save_lora(policy.unet, Path(cfg.output_dir) / "lora")
+        save_lora(policy.unet, Path(cfg.output_dir) / "lora", policy.adapter_steps)
     return snapshot
 
 
@@ -209,7 +209,7 @@ def train(cfg: Config, progress: bool = True, resume: bool = False) -> RunSummar
     out = prepare_output(cfg)
     reward = build_reward_model(cfg)
     policy = build_policy(cfg, resolve_device(cfg.device))
-    learner = build_learner(cfg, policy)
+    learner = build_learner(cfg, policy, lambda: reward)
     tracker = PerPromptStatTracker(cfg.algorithm.ddpo.stat_buffer_size, cfg.algorithm.ddpo.stat_min_count)
     prompt_generator = torch.Generator().manual_seed(cfg.seed)
     state = Progress(samples=0, iteration=0)

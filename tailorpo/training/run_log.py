@@ -5,12 +5,16 @@ The local trainer and the Ray driver feed the same log, so a run's curves read t
 Throughput figures: samples/s over the training loop, reward latency (seconds per reward call, measured in
 the samplers), and on Ray the samplers' idle fraction, 1 - busy / (samplers x wall time): the share of sampler
 time spent waiting for the learner, which ``runtime.pipeline`` reduces.
+
+Per fine-tuned step k the learner's ``steps/k{k}/<name>`` scalars go to TensorBoard as they are, and their
+means over the run to ``summary.json``'s ``per_step`` table (not to the printed summary).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from tailorpo.algorithms.learner import split_step_key
 from tailorpo.config import Config, ConfigError
 from tailorpo.rewards.images import resize_and_center_crop
 
@@ -82,6 +87,7 @@ class RunSummary:
     train_reward_end: float | None = None  # ... and over the last tenth (None for pair objectives: no reward)
     sampler_redraws: int | None = None  # Ray runs: rollouts redrawn after their sampler died
     learner_restarts: int | None = None  # Ray runs: learners replaced from the newest checkpoint
+    per_step: dict[int, dict[str, float]] | None = None  # fine-tuned step k -> learner scalar -> mean over the run
 
     def text(self) -> str:
         """Lines that apply to this run: pair objectives have no sampling and no training reward."""
@@ -136,6 +142,7 @@ class RunLog:
         self.rollouts = 0
         self.rollout_rewards: list[float] = []  # online rollouts; pair batches carry no reward of their own
         self.sample_seconds = self.train_seconds = self.reward_seconds = self.reward_calls = self.sampler_seconds = 0.0
+        self.per_step: defaultdict[tuple[int, str], list[float]] = defaultdict(list)  # (k, name) -> per rollout
 
     def _log(self, scalars: dict[str, float]) -> None:
         for key, value in scalars.items():
@@ -153,7 +160,13 @@ class RunLog:
         self.train_seconds += stats.get("train_time", 0.0)
         self.reward_seconds += stats.get("reward_time", 0.0)
         self.reward_calls += stats.get("reward_calls", 0.0)
-        scalars = {f"train/{key}": value for key, value in stats.items()}
+        scalars = {}
+        for key, value in stats.items():
+            if (step := split_step_key(key)) is None:
+                scalars[f"train/{key}"] = value
+            else:
+                scalars[key] = value
+                self.per_step[step].append(value)
         if stats.get("reward_calls"):
             scalars["train/reward_latency"] = stats["reward_time"] / stats["reward_calls"]
         self._log(scalars)
@@ -182,7 +195,17 @@ class RunLog:
 
             self.wandb.log({"eval/samples": wandb.Image(grid)}, step=self.samples)
 
-    def figures(self) -> dict[str, float | None]:
+    def step_means(self) -> dict[int, dict[str, float]] | None:
+        """Each fine-tuned step's scalars averaged over the rollouts that had them, noisiest step first; None
+        for a learner without per-step scalars (the pair objectives)."""
+        if not self.per_step:
+            return None
+        table: dict[int, dict[str, float]] = {}
+        for (k, name), values in sorted(self.per_step.items(), key=lambda item: -item[0][0]):
+            table.setdefault(k, {})[name] = float(np.mean(values))
+        return table
+
+    def figures(self) -> dict[str, float | dict | None]:
         """The run's totals for the summary (this process's share of the run, after a resume)."""
         seconds = time.perf_counter() - self.started
         rewards = self.rollout_rewards
@@ -197,6 +220,7 @@ class RunLog:
             "train_seconds_per_rollout": self.train_seconds / max(1, self.rollouts),
             "train_reward_start": float(np.mean(rewards[:tenth])) if rewards else None,
             "train_reward_end": float(np.mean(rewards[-tenth:])) if rewards else None,
+            "per_step": self.step_means(),
         }
 
     def close(self) -> None:

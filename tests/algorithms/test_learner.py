@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from tailorpo.algorithms.branching import tailorpo_rollout
-from tailorpo.algorithms.learner import Learner
-from tailorpo.algorithms.rollouts import d3po_rollout, ddpo_rollout, select_rows
+from tailorpo.algorithms.learner import Learner, split_step_key, step_key
+from tailorpo.algorithms.rollouts import d3po_rollout, ddpo_rollout, pair_stats_by_step, select_rows
 from tailorpo.config import AlgorithmConfig, OptimConfig
 from tailorpo.core.ddim import gaussian_log_prob
+from tailorpo.core.diagnostics import clamp_fraction, mean_shift_in_sigma
 from tailorpo.core.objectives import dpo_logits
 from tailorpo.diffusion.lora import reference_model
 from tailorpo.rewards import build_reward
@@ -141,3 +142,89 @@ def test_bf16_base_weights_with_fp32_lora_train():
     params = lora_parameters(pipe.unet)
     assert params and all(p.dtype == torch.float32 for p in params)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def _per_step(stats: dict[str, float]) -> dict[int, dict[str, float]]:
+    table: dict[int, dict[str, float]] = {}
+    for key, value in stats.items():
+        if (step := split_step_key(key)) is not None:
+            table.setdefault(step[0], {})[step[1]] = value
+    return table
+
+
+def test_per_step_stats_of_a_fresh_lora_then_after_an_update(policy):
+    """A fresh LoRA (B = 0) leaves the mean exactly where the reference puts it, so no ratio is clamped; after an
+    update the mean has moved. Gap and dropped share are pair_stats_by_step's, keyed by paper step k."""
+    rollout = tailorpo_rollout(policy, build_reward("jpeg"), PROMPTS, torch.Generator().manual_seed(6), [20, 12])
+    learner = Learner(policy, OptimConfig(lr=1e-2), AlgorithmConfig())
+    table = _per_step(learner.train_on(rollout))
+    assert sorted(table) == [12, 20]
+    by_index = pair_stats_by_step(rollout.data)
+    for k, values in table.items():
+        assert set(values) == {"reward_gap", "dropped", "grad_norm", "clamp_fraction", "mean_shift_sigma"}
+        assert values["mean_shift_sigma"] == 0.0 and values["clamp_fraction"] == 0.0 and values["grad_norm"] > 0
+        expected = by_index[policy.num_steps - k]
+        assert (values["reward_gap"], values["dropped"]) == (expected["reward_gap"], expected["dropped"])
+    after = _per_step(learner.train_on(rollout))
+    assert all(after[k]["mean_shift_sigma"] > 0 for k in (12, 20))
+
+
+def test_a_single_step_gradient_norm_is_the_update_norm(policy):
+    """With one fine-tuned step and no accumulation, the step's gradient is the whole update's (before clipping)."""
+    perturb_lora(policy.unet, seed=4, scale=0.01)
+    rollout = tailorpo_rollout(policy, build_reward("jpeg"), PROMPTS, torch.Generator().manual_seed(7), [16])
+    stats = Learner(policy, OptimConfig(max_grad_norm=1e-6), AlgorithmConfig()).train_on(rollout)
+    assert stats[step_key(16, "grad_norm")] == pytest.approx(stats["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["tailorpo", "d3po"])
+def test_mean_shift_and_clamp_fraction_against_forwards_by_hand(policy, algorithm):
+    """The learner's diagnostics are those of the policy and reference forwards at the step's parents (D3PO:
+    both trajectories' x_t), in units of that step's sigma_t."""
+    sample = tailorpo_rollout if algorithm == "tailorpo" else d3po_rollout
+    rollout = sample(policy, build_reward("jpeg"), PROMPTS, torch.Generator().manual_seed(8), [12])
+    perturb_lora(policy.unet, seed=6, scale=0.05)
+    settings = AlgorithmConfig(name=algorithm, ratio_clip=0.001)
+    stats = Learner(policy, OptimConfig(gradient_accumulation_steps=2), settings).train_on(rollout)
+    pairs = select_rows(rollout.data, rollout.data.valid)
+    i = policy.num_steps - 12
+    x_t = torch.cat([pairs.x_t_w, pairs.x_t_l])
+    embeds = policy.encode_prompts(rollout.prompts).index(pairs.prompt_index).repeat(2)
+
+    def by_hand():
+        with torch.no_grad():
+            mean, sigma = policy.mean(i, policy.eps(x_t, i, embeds), x_t)
+        targets = torch.cat([pairs.x_next_w, pairs.x_next_l])
+        return mean, sigma, gaussian_log_prob(targets, mean, sigma, "mean").chunk(2)
+
+    mean, sigma, (log_prob_w, log_prob_l) = by_hand()
+    with reference_model(policy.unet):
+        ref_mean, _, (ref_w, ref_l) = by_hand()
+    shift = float(mean_shift_in_sigma(mean, ref_mean, sigma).mean())
+    clamped = clamp_fraction(log_prob_w - ref_w, log_prob_l - ref_l, 0.001)
+    assert stats[step_key(12, "mean_shift_sigma")] == pytest.approx(shift, rel=1e-4) and shift > 0
+    assert stats[step_key(12, "clamp_fraction")] == clamped and clamped > 0
+
+
+def test_reward_gradient_cosine_is_optional_and_leaves_training_unchanged(policy):
+    """With a differentiable reward the learner adds the cosine of the mean shift with d r_t / d x_{t-1}, without
+    touching the LoRA's gradients; a reward without gradients (JPEG) gets none; a fresh LoRA's cosine is 0."""
+    reward = build_reward("colorfulness")
+    rollout = tailorpo_rollout(policy, reward, PROMPTS, torch.Generator().manual_seed(9), [20, 4])
+    accumulate = OptimConfig(gradient_accumulation_steps=2)
+    fresh = Learner(policy, accumulate, AlgorithmConfig(), reward=lambda: reward).train_on(rollout)
+    assert fresh[step_key(20, "reward_gradient_cosine")] == 0.0
+    policy.unet.zero_grad(set_to_none=True)  # the fresh learner's pending gradients
+
+    perturb_lora(policy.unet, seed=7, scale=0.05)
+    grads = []
+    for source in (None, lambda: reward, lambda: build_reward("jpeg")):
+        learner = Learner(policy, accumulate, AlgorithmConfig(), reward=source)
+        stats = learner.train_on(rollout)
+        grads.append([p.grad.clone() for p in learner.params])
+        learner.optimizer.zero_grad(set_to_none=True)
+        cosines = [value for key, value in stats.items() if key.endswith("/reward_gradient_cosine")]
+        assert len(cosines) == (2 if source is not None and source().differentiable else 0)
+        assert all(0 < abs(c) <= 1 for c in cosines)
+    for with_cosine, without in zip(grads[1], grads[0], strict=True):
+        assert torch.equal(with_cosine, without)
