@@ -233,6 +233,7 @@ def test_gpu_recipe_configs_load_and_it_stops_without_a_gpu(tmp_path):
         assert not any(tmp_path.iterdir())  # nothing started, nothing written
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_all_pieces_end_to_end_on_the_tiny_model(tmp_path):
     """One seed, a tiny budget, two methods: every file appears and every number is well-formed."""

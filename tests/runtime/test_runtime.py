@@ -195,6 +195,7 @@ def when_ledger_has(out, steps: list[tuple[int, Callable[[], None]]]) -> threadi
     return thread
 
 
+@pytest.mark.long
 def test_killed_sampler_reward_server_and_learner_lose_and_repeat_nothing(tmp_path, local_ray):
     """One run, three faults: a sampler actor killed (Ray restarts it, its rollout is redrawn from the same
     noise stream), the launched reward server's process killed with SIGKILL (its owner restarts it on the same
@@ -236,6 +237,7 @@ def test_killed_sampler_reward_server_and_learner_lose_and_repeat_nothing(tmp_pa
     assert_same_lora(tmp_path / "clean", faulty)  # in-process JPEG: the wire changes no score
 
 
+@pytest.mark.long
 def test_a_sampler_killed_again_and_again_loses_and_repeats_nothing(tmp_path, local_ray):
     """Stress for the restart race (a redraw sent while Ray restarts the actor fails at once): five kills of
     one sampler in a run of eight iterations, each as soon as the previous update is in."""
@@ -257,6 +259,7 @@ def test_a_sampler_killed_again_and_again_loses_and_repeats_nothing(tmp_path, lo
     assert_same_lora(tmp_path / "clean", faulty)
 
 
+@pytest.mark.long
 def test_a_lost_node_moves_its_sampler_and_learner_and_loses_nothing(tmp_path):
     """A whole simulated node dies (its raylet killed, as a machine lost): the sampler and the learner it held
     are rebuilt on the spare node (Ray restarts the sampler; the driver starts a learner from the newest

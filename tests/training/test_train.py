@@ -17,6 +17,7 @@ from tailorpo.training.loop import train
 JPEG_MARGIN_KB = 0.05
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_tailorpo_raises_jpeg_compressibility_and_writes_outputs(tmp_path):
     cfg = load_config("launch/tiny.yaml", [f"output_dir={tmp_path}", "eval.every=16"])
