@@ -1,10 +1,12 @@
 """One typed config tree, loaded from YAML with ``a.b=value`` overrides, validated before any model loads.
 
-Defaults follow the TailorPO paper's setup (SD v1.5, DDIM eta=1, 20 steps, fine-tuned steps 20,16,12,8,4,
-batch 2, 10,000 samples) and, where the paper defers to D3PO, D3PO's public ``config/base.py``
-(yk7333/d3po): AdamW lr 3e-5, betas (0.9, 0.999), weight decay 1e-4, eps 1e-8, DPO beta 0.1, ratio clip
-``train.eps`` 0.1, max grad norm 1.0, guidance scale 5.0 in sampling and training, LoRA rank 4. DDPO's own
-values come from ddpo-pytorch's ``config/base.py`` (clip range 1e-4, advantage clip 5).
+Defaults follow the TailorPO paper's setup (SD v1.5, DDIM eta=1, 20 steps, batch 2, 10,000 samples) except
+where the LoRA trains and acts: the paper's steps 20,16,12,8,4 plus 3,2,1, with the LoRA on only there
+(measured in docs/results.md; the paper's exact steps: launch/paper_sd15.yaml). Where the paper defers to
+D3PO, D3PO's public ``config/base.py`` (yk7333/d3po): AdamW lr 3e-5, betas (0.9, 0.999), weight decay 1e-4,
+eps 1e-8, DPO beta 0.1, ratio clip ``train.eps`` 0.1, max grad norm 1.0, guidance scale 5.0 in sampling and
+training, LoRA rank 4. DDPO's own values come from ddpo-pytorch's ``config/base.py`` (clip range 1e-4,
+advantage clip 5).
 """
 
 from __future__ import annotations
@@ -99,8 +101,14 @@ class BranchingConfig(Section):
     continue_from: Literal["winner", "random"] = Field(
         "winner", description="The next step's x_t: the pair's winner (the paper) or a uniformly random child (SPO)."
     )
-    labels: Literal["reward", "random"] = Field(
-        "reward", description="'random' is a control: the winner of each pair is a fair coin flip, all else equal."
+    labels: Literal["reward", "random", "continuations"] = Field(
+        "reward", description="What ranks the children: 'reward' the step-wise reward r(x0_hat) (Eq. 12); 'random' "
+        "a control, the winner a fair coin flip, all else equal; 'continuations' an upper bound, the mean final "
+        "reward of `continuations` DDIM chains run on from each child (E[r(x_0) | x_{t-1}], estimated; costly)."
+    )
+    continuations: int = Field(
+        4, ge=1, description="With labels='continuations': chains continued from each child to estimate its "
+        "expected final reward (each costs one UNet call per remaining step and one decode)."
     )
 
 
@@ -138,6 +146,10 @@ ALGORITHM_FACTS: dict[str, AlgorithmFacts] = {
     )
 }
 ALGORITHM_NAMES = tuple(ALGORITHM_FACTS)
+
+
+PAPER_STEPS = (20, 16, 12, 8, 4)  # TailorPO's fine-tuned steps (arXiv 2502.01667, Sec. 5), with the LoRA at all 20
+DEFAULT_STEPS = (*PAPER_STEPS, 3, 2, 1)  # chosen by docs/results.md "Which steps": the paper's plus the tail
 
 
 class RandomSteps(Section):
@@ -192,10 +204,12 @@ class AlgorithmConfig(Section):
         "the policy's own samples (two per prompt ranked by the reward)."
     )
     fine_tuned_steps: list[int] = Field(
-        [20, 16, 12, 8, 4],
+        list(DEFAULT_STEPS),
         description="Steps k (x_k -> x_{k-1}, k = T..1) that branch and train, unless branch_steps or train_steps "
-        "say otherwise. D3PO and DDPO train on the same steps for like-for-like comparisons (D3PO's own code "
-        "trains all T: list them all to match it).",
+        "say otherwise: the paper's 20, 16, 12, 8, 4 plus the low-noise tail 3, 2, 1, where x0_hat is nearly the "
+        "image (so the step-wise ranking is nearly exact) and a LoRA left untrained moves the mean by several "
+        "sigma (docs/results.md; the paper's own steps: launch/paper_sd15.yaml). D3PO and DDPO train on the same "
+        "steps for like-for-like comparisons (D3PO's own code trains all T: list them all to match it).",
     )
     branch_steps: StepSelection | None = Field(
         None, description="Where the sampler branches (TailorPO) or records transitions (D3PO, DDPO): a list of "
@@ -259,10 +273,10 @@ class LoraSettings(Section):
     alpha: float = Field(4.0, gt=0)
     target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     active_steps: Literal["all", "trained"] | list[int] = Field(
-        "all", description="Steps k where the LoRA acts, in sampling, evaluation and `tailorpo eval`: 'all' (what "
-        "diffusers' load_lora_weights gives), 'trained' (the steps the learner trains; the base model at the "
-        "others), or a list of steps k that includes the trained ones. The gate is saved next to the LoRA file "
-        "(lora/adapter_steps.json)."
+        "trained", description="Steps k where the LoRA acts, in sampling, evaluation and `tailorpo eval`: 'trained' "
+        "(the steps the learner trains; the base model at the others, so no step runs weights fitted elsewhere), "
+        "'all' (what diffusers' load_lora_weights gives; the paper's setting), or a list of steps k that includes "
+        "the trained ones. The gate is saved next to the LoRA file (lora/adapter_steps.json)."
     )
 
 

@@ -7,12 +7,14 @@ import ast
 import math
 from pathlib import Path
 
+import iteration_cost
 import pytest
 import run_all  # benchmarks/ is on pytest's pythonpath (pyproject.toml), as it is first on sys.path for a script
 import torch
 import yaml
 
 from common import Figure, MiB, in_spawned_process, peak_memory_growth, read_figures, write_figures
+from tailorpo.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +91,40 @@ def test_a_crashing_silent_or_hung_benchmark_is_failed_with_its_error(tmp_path, 
     assert (outcome.benchmark, outcome.figures, outcome.error) == ("broken", [], error)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "sample_unet", "sample_vae"),
+    [
+        # B * (T + 7): the branch at k=1 gives x_0, so it needs no next eps; 2 decodes per branch, x_0 among them
+        (["algorithm.fine_tuned_steps=[20, 16, 12, 8, 4, 3, 2, 1]"], 2 * (20 + 7), 2 * (2 * 8 + 0)),
+        (["algorithm.fine_tuned_steps=[20, 16, 12, 8, 4]"], 2 * (20 + 5), 2 * (2 * 5 + 1)),  # + the final image
+        (["algorithm.branch_steps=all"], 2 * (20 + 19), 2 * (2 * 20 + 0)),  # branch_steps over fine_tuned_steps
+        (["algorithm.fine_tuned_steps=[8, 4]", "algorithm.branching.children=4"], 2 * (20 + 3 * 2), 2 * (4 * 2 + 1)),
+    ],
+)
+def test_iteration_cost_minimum_counts_follow_the_branch_steps(overrides, sample_unet, sample_vae):
+    cfg = load_config("launch/tiny.yaml", [*overrides, "lora.active_steps=trained"])  # B=2, T=20
+    assert iteration_cost.expected(cfg, 9) == iteration_cost.Counts(9, sample_unet, 2 * 9, sample_vae, 0)
+    d3po = load_config("launch/tiny.yaml", [*overrides, "lora.active_steps=trained", "algorithm.name=d3po"])
+    assert iteration_cost.expected(d3po, 9) == iteration_cost.Counts(9, 2 * 2 * 20, 4 * 9, 2 * 2, 0)
+
+
+def test_iteration_cost_has_no_fixed_minimum_for_random_branch_steps():
+    """{random: m} branch steps: whether a trajectory draws k=1 changes its count, so the check reads n/a."""
+    overrides = ["algorithm.branch_steps={random: 3}", "lora.active_steps=trained"]
+    assert iteration_cost.expected(load_config("launch/tiny.yaml", overrides), 6) is None
+    d3po = load_config("launch/tiny.yaml", [*overrides, "algorithm.name=d3po"])
+    assert iteration_cost.expected(d3po, 6) == iteration_cost.Counts(6, 80, 24, 4, 0)
+
+
+def test_iteration_cost_paper_column_keeps_the_paper_steps_that_fit():
+    def paper(num_steps: int) -> list[str]:
+        return [s.overrides for s in iteration_cost.setups(num_steps) if s.key == "paper"]
+
+    assert "algorithm.fine_tuned_steps=[20, 16, 12, 8, 4]" in paper(50)[0]
+    assert "algorithm.fine_tuned_steps=[4]" in paper(4)[0]
+    assert paper(3) == [] and [s.key for s in iteration_cost.setups(3)] == ["tailorpo", "d3po"]
+
+
 @pytest.mark.slow
 def test_quick_run_all_tables_iteration_cost_with_finite_figures(tmp_path):
     cfg = yaml.safe_load((ROOT / "launch" / "tiny.yaml").read_text())
@@ -102,3 +138,4 @@ def test_quick_run_all_tables_iteration_cost_with_finite_figures(tmp_path):
     rows = {figure: value for _, figure, value, _ in cells}
     assert rows["UNet/VAE counts off their minimum"] == "0"
     assert math.isfinite(float(rows["time per pair, TailorPO/D3PO"]))
+    assert math.isfinite(float(rows["time per pair, TailorPO/paper steps"]))  # the paper's steps <= 4: [4]

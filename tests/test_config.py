@@ -1,15 +1,23 @@
 import subprocess
 import sys
+import warnings
 
 import pytest
 
-from tailorpo.config import ConfigError, dump_config, load_config
+from tailorpo.config import DEFAULT_STEPS, PAPER_STEPS, ConfigError, ConfigWarning, dump_config, load_config
+
+
+def load_without_warning(path, overrides=()):
+    """The config, failing on any warning at load (a ConfigWarning above all)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return load_config(path, list(overrides))
 
 
 def test_launch_configs_are_valid():
-    cfg = load_config("launch/tiny.yaml")
+    cfg = load_without_warning("launch/tiny.yaml")
     assert cfg.model.pretrained == "tiny-sd" and cfg.algorithm.name == "tailorpo"
-    paper = load_config("launch/tailorpo.yaml")
+    paper = load_without_warning("launch/tailorpo.yaml")
     assert (paper.model.pretrained, paper.model.resolution, paper.train.total_samples) == (
         "runwayml/stable-diffusion-v1-5", 512, 10_000)
     assert paper.sampling.batch_size == 2 and paper.runtime.samplers >= 1
@@ -25,11 +33,27 @@ def test_launch_configs_are_valid():
     assert dpo.pairs.beta == contrast.pairs.beta == 2000 and contrast.pairs.diff_contrast.tau == 0.01
     assert (mapo.pairs.mapo.beta_mapo, mapo.pairs.mapo.snr_value) == (0.1, 0.5)
     assert contrast.pairs.diff_contrast.clip_model == "openai/clip-vit-large-patch14"
-    defaults = load_config(None)
-    # the paper's setup and D3PO's public defaults
+    defaults = load_without_warning(None)
+    # the paper's setup and D3PO's public defaults, but for where the LoRA trains and acts: the paper's steps plus
+    # the low-noise tail, the LoRA gated to them
     assert defaults.model.pretrained == "runwayml/stable-diffusion-v1-5" and defaults.model.resolution == 512
-    assert defaults.algorithm.fine_tuned_steps == [20, 16, 12, 8, 4] and defaults.sampling.batch_size == 2
+    assert DEFAULT_STEPS == (20, 16, 12, 8, 4, 3, 2, 1) and PAPER_STEPS == (20, 16, 12, 8, 4)
+    assert defaults.algorithm.fine_tuned_steps == list(DEFAULT_STEPS) and defaults.sampling.batch_size == 2
+    assert defaults.lora.active_steps == "trained" and defaults.adapter_steps() == list(DEFAULT_STEPS)
+    assert defaults.untrained_adapter_steps() == []
     assert (defaults.optim.lr, defaults.algorithm.beta, defaults.algorithm.ratio_clip) == (3e-5, 0.1, 0.1)
+    # the launch files on the default steps say so, and load without a warning
+    for name in ("tiny", "shapes", "tailorpo"):
+        launch = load_without_warning(f"launch/{name}.yaml")
+        assert launch.algorithm.fine_tuned_steps == list(DEFAULT_STEPS), name
+        assert launch.lora.active_steps == "trained", name
+    # the paper's preset: its 5 steps with the LoRA at all 20, which warns that 15 steps are never trained
+    with pytest.warns(ConfigWarning, match=r"the LoRA acts at steps k = \[19, 18, 17, 15, .*3, 2, 1\], which are "
+                      "never trained"):
+        preset = load_config("launch/paper_sd15.yaml")
+    assert preset.algorithm.fine_tuned_steps == list(PAPER_STEPS) and preset.lora.active_steps == "all"
+    assert preset.adapter_steps() is None and len(preset.untrained_adapter_steps()) == 15
+    assert preset.model.pretrained == "runwayml/stable-diffusion-v1-5" and preset.model.resolution == 512
 
 
 def test_overrides_are_typed():
@@ -92,10 +116,16 @@ def test_dumped_config_loads_back_equal(tmp_path):
 
 
 def test_fine_tuned_steps_alone_set_where_the_sampler_branches_and_the_learner_trains():
-    cfg = load_config(None, ["algorithm.fine_tuned_steps=[20, 10]"])
+    with pytest.warns(ConfigWarning):  # the LoRA acts at all 20 steps, trained at 2
+        cfg = load_config(None, ["algorithm.fine_tuned_steps=[20, 10]", "lora.active_steps=all"])
     assert (cfg.algorithm.branch_steps, cfg.algorithm.train_steps, cfg.lora.active_steps) == (None, None, "all")
     assert cfg.algorithm.branch_selection == cfg.algorithm.train_selection == ("algorithm.fine_tuned_steps", [20, 10])
     assert cfg.trained_steps() == [20, 10] and cfg.adapter_steps() is None
+    # with the default gate (lora.active_steps: trained) they also set where the LoRA acts
+    gated = load_without_warning(None, ["algorithm.fine_tuned_steps=[20, 10]"])
+    assert (gated.algorithm.branch_steps, gated.algorithm.train_steps, gated.lora.active_steps) == (
+        None, None, "trained")
+    assert gated.trained_steps() == gated.adapter_steps() == [20, 10] and gated.untrained_adapter_steps() == []
     split = load_config(None, ["algorithm.branch_steps=[20, 15, 10]", "algorithm.train_steps=[15]",
                                "lora.active_steps=trained"])
     assert split.trained_steps() == [15] and split.adapter_steps() == [15] and split.untrained_adapter_steps() == []
@@ -114,11 +144,15 @@ def test_cli_rejects_a_bad_field_before_loading_any_model():
 
 
 def test_the_cli_tells_a_config_warning_as_one_line(capsys):
-    """The default config leaves steps untrained while the LoRA acts on them: one `warning:` line names them."""
+    """The paper's setting (its 5 steps, the LoRA at all 20) leaves steps untrained while the LoRA acts on them:
+    one `warning:` line names them. Gated, or with the defaults, there is nothing to tell."""
     from tailorpo.cli import load_config_telling_warnings
 
-    load_config_telling_warnings("launch/tiny.yaml", [])
+    paper = [f"algorithm.fine_tuned_steps={list(PAPER_STEPS)}"]
+    load_config_telling_warnings("launch/tiny.yaml", [*paper, "lora.active_steps=all"])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: lora.active_steps='all'") and "k = [19," in err[0]
-    load_config_telling_warnings("launch/tiny.yaml", ["lora.active_steps=trained"])
+    load_config_telling_warnings("launch/tiny.yaml", [*paper, "lora.active_steps=trained"])
+    assert capsys.readouterr().err == ""
+    load_config_telling_warnings("launch/tiny.yaml", [])
     assert capsys.readouterr().err == ""

@@ -11,13 +11,22 @@ import torch
 
 from experiments import paper_sd15
 from experiments.claims.cli import main
+from experiments.claims.controls import (
+    control_rows,
+    controls_markdown,
+    parse_variant,
+    prompt_sets,
+    training_curve,
+    variant_run,
+)
+from experiments.claims.controls import main as controls_main
 from experiments.claims.curves import CurvePoint
 from experiments.claims.files import read_csv, write_csv
 from experiments.claims.generalization import GeneralizationRow, generalization_markdown, held_out_prompts
 from experiments.claims.guidance import final_rewards_on_shared_noise
 from experiments.claims.lora_steps import LORA_STEP_SETS, final_rewards_with_lora_at
 from experiments.claims.runs import launched_rewards, run_config, same_run, samples_per_update, with_overrides
-from experiments.claims.stats import order_disagreement, seed_band, success_rates
+from experiments.claims.stats import order_disagreement, paired_bootstrap, seed_band, success_rates
 from tailorpo.config import ConfigError, load_config
 from tailorpo.diffusion.lora import reference_model
 from tailorpo.prompts import SHAPE_HELD_OUT
@@ -267,3 +276,85 @@ def test_all_pieces_end_to_end_on_the_tiny_model(tmp_path):
     assert all(math.isfinite(float(r["mean"])) for r in table.values())
     summary = (tmp_path / "summary.md").read_text()
     assert "![reward curves](fig4_reward_curves.png)" in summary and "## Table 3" in summary
+
+
+def test_paired_bootstrap_collapses_on_a_constant_and_matches_the_normal_interval_for_one_seed():
+    assert paired_bootstrap(torch.full((3, 50), 1.25)) == (1.25, 1.25, 1.25)
+    values = 0.3 + torch.randn(1, 4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mean, low, high = paired_bootstrap(values, draws=4000)
+    assert mean == pytest.approx(float(values.mean()))
+    half = 1.96 * float(values.std()) / math.sqrt(4000)  # the mean's normal 95% interval
+    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
+    assert low < mean < high and (low + high) / 2 == pytest.approx(mean, abs=0.2 * half)
+
+
+def test_paired_bootstrap_counts_the_spread_between_seeds():
+    """Five seeds whose runs differ by far more than their images do: the interval is the seeds' (a bootstrap
+    of five means), not the images' (which would be ~30x narrower)."""
+    offsets = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=torch.float64)
+    noise = 0.1 * torch.randn(5, 200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mean, low, high = paired_bootstrap(offsets[:, None] + noise)
+    seed_half = 1.96 * float(offsets.std(unbiased=False)) / math.sqrt(5)
+    assert (high - low) / 2 == pytest.approx(seed_half, rel=0.25)
+    assert low < mean < high and mean == pytest.approx(float(noise.mean()))
+
+
+def test_control_rows_pair_each_seed_with_the_references_same_seed_and_the_base_with_all():
+    base = {"training": torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)}
+    model = [{"training": base["training"] + torch.tensor([1.0, 1.0, 0.0, -1.0], dtype=torch.float64)},
+             {"training": base["training"] + 2.0}]
+    control = [{"training": base["training"]}, {"training": base["training"] + 3.0}]
+    rows = {(r.model, r.reference): r for r in control_rows({"base": [base], "tailorpo": model,
+                                                             "random_labels": control}, draws=500)}
+    assert set(rows) == {("base", ""), ("tailorpo", ""), ("tailorpo", "base"), ("tailorpo", "random_labels"),
+                         ("random_labels", ""), ("random_labels", "base")}
+    vs_base = rows["tailorpo", "base"]
+    assert vs_base.mean == pytest.approx((0.25 + 2.0) / 2) and vs_base.seeds == 2 and vs_base.images == 4
+    assert vs_base.win_rate == pytest.approx((2.5 / 4 + 1.0) / 2)  # seed 0: two wins and a tie of four
+    assert vs_base.seed_std == pytest.approx(math.sqrt(2) * 1.75 / 2)  # sample std of (0.25, 2.0)
+    vs_control = rows["tailorpo", "random_labels"]
+    assert vs_control.mean == pytest.approx((0.25 - 1.0) / 2)  # seed s against the control's seed s
+    assert rows["tailorpo", ""].mean == pytest.approx(2.5 + 1.125)
+    assert rows["base", ""].seeds == 1 and math.isnan(rows["base", ""].win_rate)
+    text = controls_markdown(list(rows.values()), {"tailorpo": "TailorPO", "random_labels": "control"})
+    assert "| TailorPO | 3.62 ± 1.24 | +1.12 [" in text and "Δ vs control" in text
+
+
+def test_variants_parse_and_train_with_only_their_fields_changed(tmp_path):
+    cfg = load_config("launch/shapes.yaml")
+    gap = parse_variant("gap=algorithm.name=tailorpo_g;algorithm.branching.min_reward_gap=2")
+    run = variant_run(cfg, gap, 3, 64, tmp_path)
+    assert run.algorithm.name == "tailorpo_g" and run.algorithm.branching.min_reward_gap == 2.0
+    assert run.seed == 3 and run.train.total_samples == 64 and run.eval.every == 0
+    assert run.output_dir == str(tmp_path / "runs" / "gap" / "seed3")
+    assert run.prompts == cfg.prompts and run.lora == cfg.lora
+    with pytest.raises(ConfigError, match="NAME=key=value"):
+        parse_variant("just-a-name")
+    sets = prompt_sets(cfg, SHAPE_HELD_OUT, 2, 5)
+    assert len(sets["training"].prompts) * sets["training"].images_per_prompt >= 150
+    assert len(sets["held-out"].prompts) * sets["held-out"].images_per_prompt >= 75
+    assert sets["training"].seed == sets["held-out"].seed == cfg.eval.seed
+
+
+@pytest.mark.slow
+def test_controls_end_to_end_on_the_tiny_model_reuses_runs_and_scores(tmp_path, capsys):
+    args = ["--config", "launch/tiny.yaml", "--set", "reward.name=colorfulness", "--out", str(tmp_path),
+            "--seeds", "0", "1", "--samples", "4", "--variants", "tailorpo", "random_labels", "--held-out", "eval",
+            "--train-images", "1", "--held-out-images", "1"]
+    assert controls_main(args) == 0
+    with open(tmp_path / "controls.csv", newline="") as f:
+        rows = {(r["prompts"], r["model"], r["reference"]): r for r in csv.DictReader(f)}
+    assert ("held-out", "tailorpo", "random_labels") in rows and rows["training", "tailorpo", "base"]["seeds"] == "2"
+    assert all(float(r["low"]) <= float(r["mean"]) <= float(r["high"]) for r in rows.values())
+    assert (tmp_path / "runs" / "random_labels" / "seed1" / "lora").is_dir()
+    assert "Δ vs base model" in (tmp_path / "controls.md").read_text()
+    curve = training_curve(tmp_path / "runs" / "tailorpo" / "seed0", 8)
+    assert curve.shape == (2,) and torch.isfinite(curve).all()  # 4 samples: two logged iterations, one per bin
+    assert (tmp_path / "controls_training_reward.png").stat().st_size > 0
+    scores = sorted(p.name for p in (tmp_path / "scores").iterdir())
+    assert scores == ["base.json", *(f"{v}-seed{s}.json" for v in ("random_labels", "tailorpo") for s in (0, 1))]
+    capsys.readouterr()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "scores").iterdir()}
+    assert controls_main(args) == 0
+    assert capsys.readouterr().out.count("done before") == 4  # nothing retrained ...
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "scores").iterdir()}  # ... or re-rendered

@@ -106,23 +106,25 @@ def launched_rewards(cfg: Config) -> Iterator[Config]:
 
 def train_runs(cfg: Config, methods: list[str], seeds: list[int], samples: int, eval_every_samples: int,
                out: Path) -> dict[tuple[str, int], Path]:
-    """Train each (method, seed), skipping runs already finished with the same config (so the pieces can be
-    run one by one); a run left by another config is replaced."""
+    """Train each (method, seed), or reuse it (``train_or_reuse``)."""
+    return {(method, seed): train_or_reuse(run_config(cfg, method, seed, samples, eval_every_samples, out),
+                                           f"{method} seed {seed}")
+            for method in methods for seed in seeds}
+
+
+def train_or_reuse(run: Config, label: str) -> Path:
+    """Train ``run`` into its output folder, unless a finished run of the same config is there already (so the
+    pieces can be run one by one); a run left by another config is replaced. Returns the folder."""
     from tailorpo.training.loop import train
 
-    runs = {}
-    for method in methods:
-        for seed in seeds:
-            run = run_config(cfg, method, seed, samples, eval_every_samples, out)
-            folder = Path(run.output_dir)
-            runs[method, seed] = folder
-            if (folder / "summary.json").exists() and same_run(load_config(folder / "config.yaml"), run):
-                print(f"{method} seed {seed}: done before, reusing {folder}")
-                continue
-            shutil.rmtree(folder, ignore_errors=True)  # stale events would mix into the curve
-            summary = train(run, progress=False)
-            print(summary.text().splitlines()[0].replace(summary.algorithm, f"{method} seed {seed}", 1))
-    return runs
+    folder = Path(run.output_dir)
+    if (folder / "summary.json").exists() and same_run(load_config(folder / "config.yaml"), run):
+        print(f"{label}: done before, reusing {folder}")
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # stale events would mix into the curve
+    summary = train(run, progress=False)
+    print(summary.text().splitlines()[0].replace(summary.algorithm, label, 1))
+    return folder
 
 
 def cycled(prompts: list[str], count: int) -> list[str]:

@@ -40,3 +40,20 @@ def seed_band(curves: list[dict[int, float]]) -> tuple[list[int], torch.Tensor, 
 def guidance_figures(r_x: torch.Tensor, r_plus: torch.Tensor, r_minus: torch.Tensor) -> tuple[float, ...]:
     """(raised share, lowered share, mean gain of x^+, mean gain of x^-) over samples (N,)."""
     return (*success_rates(r_x, r_plus, r_minus), float((r_plus - r_x).mean()), float((r_minus - r_x).mean()))
+
+
+def paired_bootstrap(values: torch.Tensor, draws: int = 10_000, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of (S, I) values (paired differences of S seeds' runs on the same I images,
+    or rewards) and its two-level percentile bootstrap interval: each draw resamples the seeds, then the
+    images (the same image draw for every seed, since image i is the same noise and prompt in each), so both
+    the seed-to-seed spread and the image sample count. One seed: the images alone."""
+    s, i = values.shape
+    generator = torch.Generator().manual_seed(seed)
+    seeds = torch.randint(s, (draws, s), generator=generator)
+    images = torch.randint(i, (draws, i), generator=generator)
+    per_seed = values.double()[:, images].mean(-1)  # (S, draws): each seed's mean over the drawn images
+    means = per_seed.gather(0, seeds.T).mean(0)  # (draws,)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return float(values.double().mean()), low, high

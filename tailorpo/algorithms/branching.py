@@ -8,7 +8,8 @@ and the chain continues from x^w, whose UNet output at t-1 is the next step's ep
 
 ``BranchingConfig`` generalises this as SPO does (Liang et al., Step-aware Preference Optimization,
 arXiv 2406.04314): n >= 2 children with the pair best vs worst, pairs within a reward gap dropped, and the
-chain continued from a random child; and it offers a random-label control (winner = coin flip).
+chain continued from a random child; it offers a random-label control (winner = coin flip) and an upper bound
+that ranks the children by their expected final reward, estimated from chains continued to x_0.
 
 Which steps branch may differ per trajectory (``steps.StepPlan``): at a step where only some rows branch, the
 others take a plain DDIM step.
@@ -21,7 +22,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from tailorpo.algorithms.rollouts import Rollout, keep_trained, stack_pairs
+from tailorpo.algorithms.rollouts import Rollout, denoise, keep_trained, stack_pairs
 from tailorpo.algorithms.steps import StepPlan, as_plan
 from tailorpo.config import BranchingConfig, GuidanceConfig
 from tailorpo.core.ddim import ddim_sigma
@@ -86,13 +87,34 @@ def uniform_index(n: int, batch: int, generator: torch.Generator, device: torch.
 def branch_pair(
     scores: torch.Tensor, labels: str, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(winner, loser) child index per column of (n, B) scores: best vs worst (labels 'reward'), or that same
-    pair with the winner a fair coin flip (labels 'random': a control that carries no reward information)."""
+    """(winner, loser) child index per column of (n, B) scores: best vs worst (labels 'reward' or
+    'continuations', whichever scores ranked), or that same pair with the winner a fair coin flip (labels
+    'random': a control that carries no reward information)."""
     best, worst = best_and_worst(scores)
-    if labels == "reward":
+    if labels != "random":
         return best, worst
     flip = uniform_index(2, scores.shape[1], generator, scores.device).bool()
     return torch.where(flip, worst, best), torch.where(flip, best, worst)
+
+
+def expected_final_reward(
+    policy: DiffusionPolicy,
+    reward: RewardModel,
+    step_index: int,
+    x: torch.Tensor,
+    embeds: PromptEmbeds,
+    prompts: list[str],
+    generator: torch.Generator,
+    chains: int,
+) -> torch.Tensor:
+    """(B,) Monte Carlo E[r(c, x_0) | x_{t-1} = x]: the mean reward of ``chains`` DDIM chains run on from each row
+    of x (the output of step index ``step_index``) with the current policy. The ranking Eq. 12 approximates with
+    one x0_hat; the exact-ranking upper bound's labels."""
+    batch = x.shape[0]
+    x_0 = denoise(policy, x.repeat(chains, *([1] * (x.ndim - 1))), embeds.repeat(chains), generator,
+                  start=step_index + 1)
+    scores = reward.score(policy.decode(x_0), prompts * chains).scores.to(x.device)
+    return scores.view(chains, batch).mean(0)
 
 
 def combine_rows(rows: torch.Tensor, inside: torch.Tensor | None, outside: torch.Tensor | None) -> torch.Tensor | None:
@@ -141,8 +163,12 @@ def branch_step(
     images = policy.decode(policy.predict_x0_after(i, flat, eps_flat)).unflatten(0, (n, batch))
     scores = reward.score(images.flatten(0, 1), prompts * n).scores.to(x.device).view(n, batch)
     eps_children = None if last else eps_flat.unflatten(0, (n, batch))
-    w, l = branch_pair(scores, branching.labels, generator)
-    x_w, x_l, r_w, r_l = pick(children, w), pick(children, l), pick(scores, w), pick(scores, l)
+    ranking = scores  # a child of the last step is x_0: its reward is exact
+    if branching.labels == "continuations" and not last:
+        ranking = expected_final_reward(policy, reward, i, flat, embeds.repeat(n), prompts * n, generator,
+                                        branching.continuations).view(n, batch)
+    w, l = branch_pair(ranking, branching.labels, generator)
+    x_w, x_l, r_w, r_l = pick(children, w), pick(children, l), pick(ranking, w), pick(ranking, l)
     eps_w = None if last else pick(eps_children, w)
     if guidance_eta is not None:
         fixed = None if guidance_through_unet else eps_w
@@ -185,7 +211,8 @@ def tailorpo_rollout(
     ``guidance_units='sigma'`` to the fraction of sigma_t the winner moves; see ``guidance_schedule``).
     ``fine_tuned_steps``: the steps k where every row branches and trains, or a plan per row.
 
-    Per branching step the generator draws the children's noise, then the coin flips of labels='random', then
+    Per branching step the generator draws the children's noise, then the continuations' noise of
+    labels='continuations' or the coin flips of labels='random', then
     the child to continue from with continue_from='random' (then, where only some rows branch, the other rows'
     noise); the defaults draw only the noise."""
     if branching is None:

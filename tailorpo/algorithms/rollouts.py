@@ -36,7 +36,7 @@ class PreferencePairs:
     x_next_w: torch.Tensor  # x^w_{t-1} (for TailorPO-G: x^+ after guidance)
     x_t_l: torch.Tensor
     x_next_l: torch.Tensor
-    reward_w: torch.Tensor  # (N,) step-wise reward that ranked the pair (before any guidance)
+    reward_w: torch.Tensor  # (N,) the score that ranked the pair (before any guidance): step-wise or expected final
     reward_l: torch.Tensor
     valid: torch.Tensor  # (N,) bool; ties are False and drop out of the loss
     shared_parent: bool

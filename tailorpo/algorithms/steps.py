@@ -1,6 +1,7 @@
 """Which steps of each trajectory branch and which train: a fixed list, every step, or m drawn per trajectory.
 
-TailorPO (Ren et al., arXiv 2502.01667) branches and trains at k = 20, 16, 12, 8, 4 of a 20-step chain;
+TailorPO (Ren et al., arXiv 2502.01667) branches and trains at k = 20, 16, 12, 8, 4 of a 20-step chain (our
+default adds 3, 2, 1);
 ddpo-pytorch (Black et al., arXiv 2305.13301) trains a random ``timestep_fraction`` of each trajectory's steps.
 A ``StepPlan`` holds one rollout's choice as (rows, T) masks over step index i = T - k, a row per trajectory
 (for D3PO, per prompt: its two trajectories share their steps, so their transitions pair up). Fixed lists draw

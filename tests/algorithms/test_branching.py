@@ -262,6 +262,35 @@ def test_random_label_control_swaps_only_the_labels(policy):
     assert control.valid.all()  # a swapped pair still trains (|r_w - r_l| > 0)
 
 
+def test_continuation_labels_rank_children_by_their_mean_final_reward(policy):
+    """The exact-ranking bound: each child's label is the mean reward of `continuations` chains run on from it
+    (checked against a step-by-step DDIM loop), the best of them wins; a child of the last step is x_0 itself."""
+    reward, b, n, m = build_reward("colorfulness"), len(PROMPTS), 2, 3
+    branching = BranchingConfig(labels="continuations", continuations=m)
+    pairs = tailorpo_rollout(policy, reward, PROMPTS, torch.Generator().manual_seed(5), [20], branching=branching).data
+    replay = torch.Generator().manual_seed(5)  # draws: x_T, the children's noise, then the continuations' noise
+    with torch.no_grad():
+        embeds = policy.encode_prompts(PROMPTS)
+        x_T = policy.initial_latents(b, replay)
+        children = sample_children(policy, 0, policy.eps(x_T, 0, embeds), x_T, replay, n)
+        x = children.flatten(0, 1).repeat(m, 1, 1, 1)  # chains-major: chain c of child j of prompt p
+        chain_embeds = embeds.repeat(n * m)
+        for i in range(1, policy.num_steps):
+            x = policy.step(i, policy.eps(x, i, chain_embeds), x, noise=policy.noise(x.shape, replay)).prev_sample
+        finals = reward.score(policy.decode(x), PROMPTS * n * m).scores.view(m, n, b)
+    expected = finals.mean(0)  # (n, b)
+    torch.testing.assert_close(pairs.reward_w, expected.max(0).values)
+    torch.testing.assert_close(pairs.reward_l, expected.min(0).values)
+    torch.testing.assert_close(pairs.x_next_w, children[expected.argmax(0), torch.arange(b)])
+    step_ranked = tailorpo_rollout(policy, reward, PROMPTS, torch.Generator().manual_seed(5), [20]).data
+    assert not torch.equal(step_ranked.x_next_w, pairs.x_next_w)  # r(x0_hat) ranks some pair the other way
+    policy.unet_evals = 0
+    last = tailorpo_rollout(policy, reward, PROMPTS, torch.Generator().manual_seed(5), [1], branching=branching).data
+    assert policy.unet_evals == b * 20  # at the last step the child is x_0: its reward is exact, nothing runs on
+    plain = tailorpo_rollout(policy, reward, PROMPTS, torch.Generator().manual_seed(5), [1]).data
+    assert torch.equal(last.reward_w, plain.reward_w) and torch.equal(last.x_next_w, plain.x_next_w)
+
+
 def test_sigma_units_guidance_moves_the_winner_by_a_fraction_of_sigma_in_any_reward_scale(policy):
     b, steps = len(PROMPTS), [20]
     plain = tailorpo_rollout(policy, ScaledColorfulness(), PROMPTS, torch.Generator().manual_seed(2), steps).data

@@ -10,7 +10,7 @@ from tailorpo.algorithms.branching import tailorpo_rollout
 from tailorpo.algorithms.registry import algorithm_of
 from tailorpo.algorithms.rollouts import d3po_rollout, ddpo_rollout
 from tailorpo.algorithms.steps import StepPlan, as_plan, random_subset, step_plan, steps_mask
-from tailorpo.config import ConfigError, ConfigWarning, EvalConfig, load_config
+from tailorpo.config import DEFAULT_STEPS, PAPER_STEPS, ConfigError, ConfigWarning, EvalConfig, load_config
 from tailorpo.diffusion.lora import AdapterSteps, read_lora, reference_model, save_lora
 from tailorpo.rewards import build_reward
 from tailorpo.training.evaluation import lora_settings
@@ -19,6 +19,7 @@ from tests.conftest import perturb_lora
 
 PROMPTS = ["a cat", "a red car", "a bird"]
 T = 20
+PAPER = f"algorithm.fine_tuned_steps={list(PAPER_STEPS)}"  # pinned: the tests below are about mechanisms, not defaults
 
 
 def plan_of(overrides: list[str], rows: int, seed: int = 0) -> StepPlan:
@@ -35,11 +36,14 @@ def ks(mask_row: torch.Tensor) -> list[int]:
 def test_fixed_steps_and_all_are_the_same_for_every_row_and_draw_nothing():
     generator = torch.Generator().manual_seed(0)
     state = generator.get_state()
-    cfg = load_config(None, ["lora.active_steps=trained"])
+    cfg = load_config(None, [PAPER, "lora.active_steps=trained"])
     plan = step_plan(cfg.algorithm, T, 3, generator)
     assert torch.equal(generator.get_state(), state)  # the paper's setting samples as before: no extra draw
     assert all(ks(row) == [20, 16, 12, 8, 4] for row in plan.branch) and torch.equal(plan.train, plan.branch)
     assert plan.recorded_steps() == [20, 16, 12, 8, 4]
+    default = step_plan(load_config(None).algorithm, T, 3, generator)  # the default list: fixed too, no draw
+    assert torch.equal(generator.get_state(), state) and default.recorded_steps() == list(DEFAULT_STEPS)
+    assert all(ks(row) == list(DEFAULT_STEPS) for row in default.branch) and torch.equal(default.train, default.branch)
     both = plan_of(["algorithm.branch_steps=all", "algorithm.train_steps=[20, 1]"], rows=2)
     assert plan.branch.shape == (3, T) and both.branch.all() and all(ks(row) == [20, 1] for row in both.train)
     assert torch.equal(steps_mask([20, 1], T), both.train[0])
@@ -55,7 +59,7 @@ def test_random_steps_are_m_per_trajectory_reproducible_per_seed_and_differ_acro
     assert torch.equal(plan.branch, again.branch) and torch.equal(plan.train, again.train)
     assert not torch.equal(plan.branch, other.branch)
     # m of the listed branch steps, uniformly: every listed step about 2/5 of the time, no other step ever
-    fixed = plan_of(["algorithm.train_steps={random: 2}"], rows=4000)
+    fixed = plan_of([PAPER, "algorithm.train_steps={random: 2}"], rows=4000)
     assert (fixed.branch.sum(0)[steps_mask([20, 16, 12, 8, 4], T)] == 4000).all()
     share = fixed.train.float().mean(0)
     assert share[steps_mask([20, 16, 12, 8, 4], T)].tolist() == pytest.approx([0.4] * 5, abs=0.03)
@@ -77,10 +81,10 @@ def test_a_plan_must_fit_the_rollout():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["algorithm.train_steps=[20, 3]"], "algorithm.train_steps: steps [3] are not branch steps "
+        ([PAPER, "algorithm.train_steps=[20, 3]"], "algorithm.train_steps: steps [3] are not branch steps "
          "(algorithm.fine_tuned_steps=[20, 16, 12, 8, 4])"),
         (["algorithm.branch_steps=[20, 10]", "algorithm.train_steps=all"], "add them to algorithm.branch_steps"),
-        (["algorithm.train_steps={random: 6}"], "{random: 6} draws more steps per trajectory than "
+        ([PAPER, "algorithm.train_steps={random: 6}"], "{random: 6} draws more steps per trajectory than "
          "algorithm.fine_tuned_steps gives (5)"),
         (["algorithm.branch_steps={random: 3}", "algorithm.train_steps=[20]"],
          "algorithm.train_steps: fixed steps need fixed branch steps"),
@@ -89,7 +93,7 @@ def test_a_plan_must_fit_the_rollout():
         (["algorithm.train_steps=[4, 4]"], "algorithm.train_steps: [4, 4] repeats a step"),
         (["algorithm.train_steps=some"], "algorithm.train_steps: give a list of steps k, 'all', or {random: m}"),
         (["algorithm.train_steps={random: 0}"], "algorithm.train_steps.random.random: Input should be greater"),
-        (["lora.active_steps=[20, 16]"], "lora.active_steps: misses the trained steps [12, 8, 4]"),
+        ([PAPER, "lora.active_steps=[20, 16]"], "lora.active_steps: misses the trained steps [12, 8, 4]"),
     ],
 )
 def test_bad_step_selections_name_the_field(overrides, message):
@@ -108,17 +112,23 @@ def warnings_of(overrides: list[str]) -> list[str]:
 @pytest.mark.parametrize(
     "overrides, untrained",
     [
-        ([], [19, 18, 17, 15, 14, 13, 11, 10, 9, 7, 6, 5, 3, 2, 1]),  # the defaults: the paper's 5 of 20 steps
-        (["lora.active_steps=trained"], None),
-        ([f"algorithm.fine_tuned_steps={list(range(20, 0, -1))}"], None),
-        (["algorithm.branch_steps=all"], None),
-        (["algorithm.branch_steps=all", "algorithm.train_steps={random: 5}"], None),  # every step, over time
-        (["algorithm.branch_steps={random: 5}"], None),
+        # the paper's setting: its 5 of 20 steps with the LoRA at all 20
+        ([PAPER, "lora.active_steps=all"], [19, 18, 17, 15, 14, 13, 11, 10, 9, 7, 6, 5, 3, 2, 1]),
+        ([PAPER, "lora.active_steps=trained"], None),
+        ([], None),  # the defaults: the paper's steps plus 3, 2, 1, with the LoRA only at those
+        (["lora.active_steps=all"], [19, 18, 17, 15, 14, 13, 11, 10, 9, 7, 6, 5]),  # the default steps, ungated
+        ([f"algorithm.fine_tuned_steps={list(range(20, 0, -1))}", "lora.active_steps=all"], None),
+        (["algorithm.branch_steps=all", "lora.active_steps=all"], None),
+        (["algorithm.branch_steps=all", "algorithm.train_steps={random: 5}", "lora.active_steps=all"],
+         None),  # every step, over time
+        (["algorithm.branch_steps={random: 5}", "lora.active_steps=all"], None),
         (["algorithm.branch_steps=all", "algorithm.train_steps=[20, 2]", "lora.active_steps=[20, 3, 2]"], [3]),
-        (["algorithm.fine_tuned_steps=[20, 10]", "algorithm.train_steps={random: 1}"], list(range(19, 10, -1))
-         + list(range(9, 0, -1))),
-        (["algorithm.name=d3po", "algorithm.fine_tuned_steps=[20, 1]"], list(range(19, 1, -1))),
-        (["algorithm.name=diffusion_dpo"], None),  # pair objectives train at random noise levels: every step
+        (["algorithm.fine_tuned_steps=[20, 10]", "algorithm.train_steps={random: 1}", "lora.active_steps=all"],
+         list(range(19, 10, -1)) + list(range(9, 0, -1))),
+        (["algorithm.name=d3po", "algorithm.fine_tuned_steps=[20, 1]", "lora.active_steps=all"],
+         list(range(19, 1, -1))),
+        # pair objectives train at random noise levels: every step
+        (["algorithm.name=diffusion_dpo", "lora.active_steps=all"], None),
     ],
 )
 def test_the_warning_fires_exactly_when_the_lora_acts_at_a_step_never_trained(overrides, untrained):
@@ -131,12 +141,17 @@ def test_the_warning_fires_exactly_when_the_lora_acts_at_a_step_never_trained(ov
     assert "lora.active_steps: trained" in message and "algorithm.branch_steps: all" in message
 
 
-def test_registry_defaults_sample_as_the_paper_list(policy):
-    """The config path (step plan from the defaults) gives the very rollout the explicit list gives."""
-    cfg = load_config("launch/tiny.yaml")
+@pytest.mark.parametrize("steps", [PAPER_STEPS, DEFAULT_STEPS], ids=["paper", "default"])
+def test_the_registry_samples_the_listed_steps_as_the_explicit_list(policy, steps):
+    """The config path (the step plan from algorithm.fine_tuned_steps) gives the very rollout the explicit list
+    gives, for the paper's steps and for the default ones (launch/tiny.yaml's)."""
+    overrides = [] if steps == DEFAULT_STEPS else [f"algorithm.fine_tuned_steps={list(steps)}"]
+    cfg = load_config("launch/tiny.yaml", overrides)
+    assert cfg.algorithm.fine_tuned_steps == list(steps)
     reward = build_reward("jpeg")
     via_config = algorithm_of(cfg).sample(cfg, policy, reward, PROMPTS, torch.Generator().manual_seed(5))
-    direct = tailorpo_rollout(policy, reward, PROMPTS, torch.Generator().manual_seed(5), [20, 16, 12, 8, 4])
+    direct = tailorpo_rollout(policy, reward, PROMPTS, torch.Generator().manual_seed(5), list(steps))
+    assert sorted(set(via_config.data.step_index.tolist())) == [T - k for k in steps]
     for name in ("step_index", "prompt_index", "x_t_w", "x_next_w", "x_next_l", "reward_w", "reward_l"):
         assert torch.equal(getattr(via_config.data, name), getattr(direct.data, name)), name
     assert torch.equal(via_config.images, direct.images) and torch.equal(via_config.rewards, direct.rewards)
@@ -216,13 +231,17 @@ def test_the_saved_lora_records_its_gate_and_tailorpo_eval_applies_it(tiny_pipe,
     save_lora(tiny_pipe.unet, tmp_path / "lora", steps)
     saved = read_lora(tmp_path / "lora")
     assert saved.steps == steps
-    cfg = load_config("launch/tiny.yaml")
+    with pytest.warns(ConfigWarning):  # the config's own LoRA acts at every step; the saved gate overrides it
+        cfg = load_config("launch/tiny.yaml", ["lora.active_steps=all"])
     assert cfg.lora.active_steps == "all" and lora_settings(cfg, saved).adapter_steps() == [20, 16, 12, 8, 4]
+    # and over the config's own gate (tiny.yaml's: the default steps, not the saved ones)
+    gated = load_config("launch/tiny.yaml")
+    assert gated.adapter_steps() == list(DEFAULT_STEPS) and lora_settings(gated, saved).adapter_steps() == [
+        20, 16, 12, 8, 4]
     with pytest.raises(ConfigError, match="sampling.num_steps: .* of a 20-step chain; evaluate it with "
                                           "sampling.num_steps=20"):
         lora_settings(load_config("launch/tiny.yaml", ["sampling.num_steps=10", "algorithm.fine_tuned_steps=[10]"]),
                       saved)
     save_lora(tiny_pipe.unet, tmp_path / "lora")  # saved again ungated: the old gate must not linger
     assert read_lora(tmp_path / "lora").steps is None
-    gated = load_config("launch/tiny.yaml", ["lora.active_steps=trained"])
     assert lora_settings(gated, read_lora(tmp_path / "lora")).adapter_steps() is None

@@ -13,8 +13,11 @@ from tailorpo.diffusion.pipeline import load_pipeline
 from tailorpo.training.loop import train
 
 # Observed eval gains (kB less JPEG per 64x64 image, base about -4.38 kB) after the 64-sample run of
-# launch/tiny.yaml: +0.13 (seed 0), +0.11 (seed 1), +0.21 (seed 2). The test asks for +0.05 at seed 0.
-JPEG_MARGIN_KB = 0.05
+# launch/tiny.yaml with the default steps (20, 16, 12, 8, 4, 3, 2, 1, the LoRA gated to them): +0.027 (seed 0),
+# +0.024 (seed 1), +0.060 (seed 2). The test asks for +0.01 at seed 0 (no update or a flipped sign fails it).
+# The gate costs most of the gain on this model: at seed 0 the paper's steps give +0.475 with the LoRA at all 20
+# steps, +0.073 gated; the default steps ungated +0.202.
+JPEG_MARGIN_KB = 0.01
 
 
 @pytest.mark.long
