@@ -11,6 +11,7 @@ advantage clip 5).
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,11 @@ class ModelConfig(Section):
     resolution: int = Field(512, gt=0, multiple_of=8, description="Image side in pixels.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of the frozen base weights; LoRA weights always train in float32."
+    )
+    gradient_checkpointing: list[Literal["unet", "vae"]] = Field(
+        [], description="Recompute these modules' activations in the backward pass instead of keeping them: "
+        "'unet' (learner steps, guidance through the UNet), 'vae' (the decoder in TailorPO-G's guidance). The "
+        "same gradients for about one more forward; the memory it saves: docs/benchmarks.md.",
     )
 
 
@@ -289,7 +295,9 @@ class OptimConfig(Section):
     gradient_accumulation_steps: int = Field(
         1, ge=1, description="Rollouts whose losses are averaged into one optimizer step."
     )
-    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast of the UNet (GPU).")
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16 autocast of the UNet and the VAE decoder (GPU)."
+    )
 
 
 class ActorResources(Section):
@@ -598,12 +606,32 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2's booleans: only true/false. PyYAML follows YAML 1.1, where no/yes/on/off are booleans too, so
+    ``mixed_precision: no`` would arrive as False and fail its string enum; bool fields still take them
+    (pydantic reads 'no'/'yes'/'on'/'off' as booleans)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as configs are read (files and ``--set`` values alike): YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=value``; the value is read as YAML, so numbers, booleans, null and lists work."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-4")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    return key.strip(), read_yaml(raw)
 
 
 def untrained_steps_warning(cfg: Config) -> str | None:
@@ -633,7 +661,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     tree: dict[str, Any] = {}
     if path is not None:
         try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
+            tree = read_yaml(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
         except yaml.YAMLError as err:

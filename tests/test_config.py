@@ -63,6 +63,16 @@ def test_overrides_are_typed():
     assert cfg.algorithm.ratio_clip is None
 
 
+def test_yaml_11_booleans_stay_strings_for_enums_and_still_set_booleans(tmp_path):
+    """PyYAML reads `no` as False (YAML 1.1), which the documented `mixed_precision: no` would fail on."""
+    assert load_config("launch/tiny.yaml", ["optim.mixed_precision=no"]).optim.mixed_precision == "no"
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim:\n  mixed_precision: no\nalgorithm:\n  guidance:\n    through_unet: off\n")
+    cfg = load_config(path)
+    assert cfg.optim.mixed_precision == "no" and cfg.algorithm.guidance.through_unet is False
+    assert load_config(path, ["algorithm.guidance.through_unet=yes"]).algorithm.guidance.through_unet is True
+    assert load_config(path, ["algorithm.guidance.through_unet=true"]).algorithm.guidance.through_unet is True
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

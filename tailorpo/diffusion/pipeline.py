@@ -52,4 +52,6 @@ def load_pipeline(
     for component in pipe.components.values():  # VAE, UNet and the one or two text encoders
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)
+    if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; diffusers upcasts it for decoding alike
     return pipe.to(device)

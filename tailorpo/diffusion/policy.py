@@ -189,12 +189,9 @@ class DiffusionPolicy:
     ) -> torch.Tensor:
         """One UNet call, (N, C, h, w) -> fp32 eps. SDXL's pooled text and size ids enter as added_cond_kwargs;
         SD v1.x has none (None)."""
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
-        )
         dtype = self.unet.dtype  # bf16/fp16 base weights take inputs of their dtype; LoRA stays fp32
         added = None if time_ids is None else {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
-        with autocast:
+        with self._autocast():
             return self.unet(
                 x.to(dtype), t, encoder_hidden_states=states.to(dtype), added_cond_kwargs=added, return_dict=False
             )[0].float()
@@ -228,5 +225,12 @@ class DiffusionPolicy:
         """VAE decode to images in [0, 1], (B, 3, H, W). Differentiable (guidance back-propagates through it)."""
         vae = self.pipe.vae
         self.vae_decodes += latents.shape[0]
-        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        with self._autocast():  # at 512 px a decode costs more than a guided UNet call, and its backward more
+            image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def _autocast(self) -> AbstractContextManager:
+        """``optim.mixed_precision``'s autocast for the UNet and the VAE decoder (nothing without it)."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)

@@ -40,6 +40,8 @@ def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
     """Load the base pipeline, attach a fresh LoRA, and wrap it as the sampling/training policy (its LoRA gated
     to the steps lora.active_steps names)."""
     pipe = load_pipeline(cfg.model.pretrained, cfg.model.revision, DTYPES[cfg.model.dtype], str(device))
+    for name in cfg.model.gradient_checkpointing:  # diffusers checkpoints only while grad is enabled
+        getattr(pipe, name).enable_gradient_checkpointing()
     add_lora(pipe.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
     autocast = torch.bfloat16 if cfg.optim.mixed_precision == "bf16" else None
     return DiffusionPolicy(

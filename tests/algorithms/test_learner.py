@@ -228,3 +228,36 @@ def test_reward_gradient_cosine_is_optional_and_leaves_training_unchanged(policy
         assert all(0 < abs(c) <= 1 for c in cosines)
     for with_cosine, without in zip(grads[1], grads[0], strict=True):
         assert torch.equal(with_cosine, without)
+
+
+def test_gradient_checkpointing_from_the_config_gives_the_same_gradients():
+    """model.gradient_checkpointing recomputes activations in the backward pass: the learner's LoRA gradients and
+    the guidance gradient through the VAE decoder are those of the stored-activation pass."""
+    from tailorpo.config import load_config
+    from tailorpo.training.build import build_policy
+
+    cfg = load_config("launch/tiny.yaml", ["model.gradient_checkpointing=[unet, vae]"])
+    policy = build_policy(cfg, torch.device("cpu"))
+    unet, vae = policy.pipe.unet, policy.pipe.vae
+    assert unet.is_gradient_checkpointing and vae.is_gradient_checkpointing
+    perturb_lora(unet, seed=3, scale=0.05)
+    rollout = tailorpo_rollout(policy, build_reward("jpeg"), PROMPTS, torch.Generator().manual_seed(0), [16, 4])
+    pairs = rollout.data
+    embeds = policy.encode_prompts(PROMPTS).index(pairs.prompt_index)
+    learner = Learner(policy, OptimConfig(), AlgorithmConfig(ratio_clip=None))
+    latents = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(1))
+
+    def gradients() -> list[torch.Tensor]:
+        learner.optimizer.zero_grad(set_to_none=True)
+        learner.pair_logits(pairs, embeds).sum().backward()
+        x = latents.clone().requires_grad_(True)
+        (policy.decode(x) ** 2).sum().backward()
+        return [p.grad.clone() for p in learner.params] + [x.grad]
+
+    checkpointed = gradients()
+    unet.disable_gradient_checkpointing()
+    vae.disable_gradient_checkpointing()
+    stored = gradients()
+    assert all(g.abs().sum() > 0 for g in stored[-1:]) and sum(g.abs().sum() for g in stored[:-1]) > 0
+    for a, b in zip(checkpointed, stored, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -76,3 +76,17 @@ def test_making_the_tiny_model_leaves_the_global_rng_alone(tmp_path):
     torch.manual_seed(123)
     make_tiny_model(tmp_path / "t")
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_mixed_precision_covers_the_vae_decode():
+    """optim.mixed_precision=bf16 runs the decoder under autocast too (the decode is the costlier half at
+    512 px): the bf16 decode differs from the fp32 one by bf16 round-off, and only by that."""
+    from tailorpo.diffusion.policy import DiffusionPolicy
+
+    pipe = load_pipeline("tiny-sd")
+    policy = DiffusionPolicy(pipe, resolution=32)
+    latents = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    full = policy.decode(latents)
+    mixed = DiffusionPolicy(pipe, resolution=32, autocast_dtype=torch.bfloat16).decode(latents)
+    assert mixed.dtype == torch.float32 and not torch.equal(full, mixed)
+    torch.testing.assert_close(mixed, full, atol=0.05, rtol=0)

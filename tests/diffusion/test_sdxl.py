@@ -182,3 +182,14 @@ def test_tailorpo_train_on_tiny_sdxl(tmp_path):
     summary = train(load_config("launch/tiny.yaml", overrides), progress=False)
     assert summary.updates == 2 and summary.eval_reward_trained != summary.eval_reward_base
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_float16_pipeline_keeps_a_force_upcast_vae_in_float32_and_decodes_in_it():
+    """SDXL's VAE overflows in fp16 (its config says force_upcast); diffusers decodes it in fp32, and so do we."""
+    pipe = load_pipeline("tiny-sdxl", dtype=torch.float16)
+    assert pipe.vae.config.force_upcast
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32
+    policy = DiffusionPolicy(pipe, num_steps=20, resolution=RESOLUTION)
+    image = policy.decode(torch.randn(1, *policy.latent_shape))
+    assert image.dtype == torch.float32 and image.shape == (1, 3, RESOLUTION, RESOLUTION)
+    assert load_pipeline("tiny-sdxl", dtype=torch.bfloat16).vae.dtype == torch.bfloat16  # bf16 does not overflow
