@@ -19,7 +19,7 @@ import torch
 from tailorpo.core.gaussian_mixture import GaussianMixture, StepRanking, measure_step_ranking
 from tailorpo.core.guidance import cosine_eta_schedule
 from tailorpo.diffusion.policy import step_alphas
-from tailorpo.tiny.models import _sd_scheduler
+from tailorpo.tiny.models import sd_scheduler
 
 
 def random_mixture(dim: int, components: int, generator: torch.Generator) -> tuple[GaussianMixture, torch.Tensor]:
@@ -35,7 +35,7 @@ def random_mixture(dim: int, components: int, generator: torch.Generator) -> tup
 
 def sd_schedule(num_steps: int) -> list[tuple[float, float]]:
     """(alpha_bar_t, alpha_bar_{t-1}) per step of SD v1.5's DDIM scheduler, first step first."""
-    scheduler = _sd_scheduler()
+    scheduler = sd_scheduler()
     scheduler.set_timesteps(num_steps)
     return [step_alphas(scheduler, int(t)) for t in scheduler.timesteps]
 

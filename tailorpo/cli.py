@@ -40,10 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     eval_p.add_argument("--out", help="report folder (default: OUTPUT_DIR/eval_report)")
     eval_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set eval.images_per_prompt=5 (repeatable)")
-    tiny_p = sub.add_parser("make-tiny-model", help="write the tiny SD-shaped (or SDXL-shaped) pipeline to DIR")
+    tiny_p = sub.add_parser("make-tiny-model", help="write the tiny SD-shaped (or SDXL-shaped) pipeline to DIR, "
+                            "or a full-size one with random weights")
     tiny_p.add_argument("dir")
     tiny_p.add_argument("--seed", type=int, default=0)
     tiny_p.add_argument("--sdxl", action="store_true", help="SDXL-shaped: two text encoders, pooled and size ids")
+    tiny_p.add_argument("--full-size", choices=["sd15", "sdxl"], help="the published SD v1.5 or SDXL architecture "
+                        "with random weights instead (4.3 / 14 GB in float32), to measure memory and speed at real "
+                        "size")
+    tiny_p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="dtype of the written weights (--full-size; float16 halves the folder)")
     shapes_p = sub.add_parser("train-tiny-shapes", help="train the tiny-shapes model and its classifier reward on "
                               "synthetic shapes (CPU, about 15 min) and write them to DIR")
     shapes_p.add_argument("dir", help="e.g. tailorpo/tiny/assets/tiny-shapes to regenerate the shipped model")
@@ -106,6 +112,13 @@ def user_errors() -> tuple[type[Exception], ...]:
 def make_tiny_model(args: argparse.Namespace) -> int:
     from tailorpo.tiny.models import make_tiny_model as make
 
+    if args.full_size:
+        import torch
+
+        from tailorpo.tiny.full_size import make_full_size_model
+
+        print(f"wrote {make_full_size_model(args.dir, args.full_size, args.seed, getattr(torch, args.dtype))}")
+        return 0
     print(f"wrote {make(args.dir, args.seed, sdxl=args.sdxl)}")
     return 0
 

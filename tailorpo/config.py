@@ -91,6 +91,10 @@ class GuidanceConfig(Section):
         0.5, gt=0, description="With units='sigma': the push's per-dimension RMS as a fraction of the step's DDIM "
         "std sigma_t (two sibling children lie about 1.4 sigma_t apart)."
     )
+    chunk_size: int | None = Field(
+        None, ge=1, description="Rows per guidance backward pass (the UNet at t-1, the VAE decoder and the reward); "
+        "null: the whole batch. 1 (per prompt) divides the pass's memory peak by the batch size, same x^+."
+    )
 
 
 class BranchingConfig(Section):

@@ -27,7 +27,7 @@ from experiments.claims.guidance import final_rewards_on_shared_noise
 from experiments.claims.lora_steps import LORA_STEP_SETS, final_rewards_with_lora_at
 from experiments.claims.runs import launched_rewards, run_config, same_run, samples_per_update, with_overrides
 from experiments.claims.stats import order_disagreement, paired_bootstrap, seed_band, success_rates
-from tailorpo.config import ConfigError, load_config
+from tailorpo.config import DEFAULT_STEPS, ConfigError, load_config
 from tailorpo.diffusion.lora import reference_model
 from tailorpo.prompts import SHAPE_HELD_OUT
 from tailorpo.rewards.colorfulness import Colorfulness
@@ -249,7 +249,7 @@ def test_all_pieces_end_to_end_on_the_tiny_model(tmp_path):
     assert main(["all", "--config", "launch/tiny.yaml", "--set", "reward.name=colorfulness",
                  "--set", "eval.images_per_prompt=1", "--out", str(tmp_path), "--seeds", "0", "--samples", "8",
                  "--eval-every-samples", "4", "--methods", "tailorpo", "d3po", "--pairs", "4", "--continuations",
-                 "2", "--branch-pairs", "2", "--noisy-samples", "5", "--images-per-prompt", "1",
+                 "2", "--branch-pairs", "2", "--noisy-samples", "8", "--images-per-prompt", "1",
                  "--lora-steps-images", "1"]) == 0
     for name in ("fig4_reward_curves.png", "fig2_order_inconsistency.png", "table1_guidance.md",
                  "table3_generalization.md", "lora_steps.md", "summary.md", "timings.json"):
@@ -265,8 +265,8 @@ def test_all_pieces_end_to_end_on_the_tiny_model(tmp_path):
         assert r["comparison"] in ("trajectories", "branches_x0_hat", "branches_one_final")
         assert math.isnan(float(r["disagreement"])) or 0 <= float(r["disagreement"]) <= 1
     guidance = rows("table1_guidance.csv")
-    assert [r["step"] for r in guidance] == ["k=20", "k=16", "k=12", "k=8", "k=4", "all"]
-    assert guidance[-1]["samples"] == "5"
+    assert [r["step"] for r in guidance] == [f"k={k}" for k in DEFAULT_STEPS] + ["all"]  # launch/tiny.yaml's
+    assert guidance[-1]["samples"] == "8"
     steps = rows("lora_steps.csv")
     assert {(r["method"], r["active"]) for r in steps} == {(m, a) for m in ("tailorpo", "d3po") for a in LORA_STEP_SETS}
     assert all(0 <= float(r["win_rate"]) <= 1 and math.isfinite(float(r["gain"])) for r in steps)

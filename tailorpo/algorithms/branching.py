@@ -18,7 +18,7 @@ others take a plain DDIM step.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -150,9 +150,7 @@ def branch_step(
     generator: torch.Generator,
     branching: BranchingConfig,
     guidance_eta: float | None,
-    guidance_delta: float,
-    guidance_through_unet: bool,
-    guidance_units: Literal["reward", "sigma"],
+    guidance: GuidanceConfig,
 ) -> Branched:
     """Step index i of the rows given (x_t, its eps, their prompts): n children, ranked by the step-wise reward,
     the winner guided up the reward with ``guidance_eta``, and the chain continued from the winner or a child."""
@@ -171,13 +169,7 @@ def branch_step(
     x_w, x_l, r_w, r_l = pick(children, w), pick(children, l), pick(ranking, w), pick(ranking, l)
     eps_w = None if last else pick(eps_children, w)
     if guidance_eta is not None:
-        fixed = None if guidance_through_unet else eps_w
-        r_t = step_reward_fn(policy, reward, i, embeds, prompts, fixed)
-        if guidance_units == "sigma":
-            sigma = ddim_sigma(*policy.alphas[i], policy.eta)
-            x_w, _ = guide_in_sigma_units(x_w, r_t, sigma, guidance_eta, increase=True)
-        else:
-            x_w, _ = guide(x_w, r_t, guidance_eta, guidance_delta, increase=True)
+        x_w = guide_winners(policy, reward, i, x_w, eps_w, embeds, prompts, guidance_eta, guidance)
         eps_w = None if last else policy.eps(x_w, i + 1, embeds)  # x^+ moved: its eps is new
     valid = gap_is_valid(r_w, r_l, branching.min_reward_gap)
     pair = {"step": torch.full((batch,), i, device=x.device), "x_t": x, "x_w": x_w, "x_l": x_l, "r_w": r_w,
@@ -194,6 +186,34 @@ def branch_step(
     return Branched(x_next, eps_next, pair, final)
 
 
+def guide_winners(
+    policy: DiffusionPolicy,
+    reward: RewardModel,
+    i: int,
+    x_w: torch.Tensor,
+    eps_w: torch.Tensor | None,
+    embeds: PromptEmbeds,
+    prompts: list[str],
+    eta: float,
+    guidance: GuidanceConfig,
+) -> torch.Tensor:
+    """x^+ of every winner (Eq. 14, or a push in sigma units), ``guidance.chunk_size`` rows per backward pass
+    through the UNet at t-1, the VAE decoder and the reward: rows are independent, so chunks give the same x^+
+    with a smaller memory peak."""
+    chunk = guidance.chunk_size or len(prompts)
+    moved = []
+    for start in range(0, len(prompts), chunk):
+        rows = torch.arange(start, min(start + chunk, len(prompts)), device=x_w.device)
+        fixed = None if guidance.through_unet or eps_w is None else eps_w[rows]
+        r_t = step_reward_fn(policy, reward, i, embeds.index(rows), prompts[start:start + chunk], fixed)
+        if guidance.units == "sigma":
+            sigma = ddim_sigma(*policy.alphas[i], policy.eta)
+            moved.append(guide_in_sigma_units(x_w[rows], r_t, sigma, eta, increase=True)[0])
+        else:
+            moved.append(guide(x_w[rows], r_t, eta, guidance.delta, increase=True)[0])
+    return torch.cat(moved)
+
+
 @torch.no_grad()
 def tailorpo_rollout(
     policy: DiffusionPolicy,
@@ -202,13 +222,11 @@ def tailorpo_rollout(
     generator: torch.Generator,
     fine_tuned_steps: Collection[int] | StepPlan,
     guidance_eta: dict[int, float] | None = None,
-    guidance_delta: float = 0.5,
-    guidance_through_unet: bool = True,
-    guidance_units: Literal["reward", "sigma"] = "reward",
+    guidance: GuidanceConfig | None = None,
     branching: BranchingConfig | None = None,
 ) -> Rollout:
     """TailorPO (and TailorPO-G when ``guidance_eta`` maps each step k that may branch to eta_t, or with
-    ``guidance_units='sigma'`` to the fraction of sigma_t the winner moves; see ``guidance_schedule``).
+    ``guidance.units='sigma'`` to the fraction of sigma_t the winner moves; see ``guidance_schedule``).
     ``fine_tuned_steps``: the steps k where every row branches and trains, or a plan per row.
 
     Per branching step the generator draws the children's noise, then the continuations' noise of
@@ -217,6 +235,7 @@ def tailorpo_rollout(
     noise); the defaults draw only the noise."""
     if branching is None:
         branching = BranchingConfig()  # the paper's: two children, the winner continues
+    guidance = guidance or GuidanceConfig()  # Eq. 14 through the UNet, delta 0.5, the whole batch at once
     batch = len(prompts)
     plan = as_plan(fine_tuned_steps, policy.num_steps, batch)
     embeds = policy.encode_prompts(prompts)
@@ -233,8 +252,7 @@ def tailorpo_rollout(
             eta = None if guidance_eta is None else guidance_eta[policy.num_steps - i]
             branched = branch_step(
                 policy, reward, i, x[rows], eps[rows], embeds.index(rows),
-                [p for p, b in zip(prompts, rows.tolist(), strict=True) if b], generator, branching, eta,
-                guidance_delta, guidance_through_unet, guidance_units,
+                [p for p, b in zip(prompts, rows.tolist(), strict=True) if b], generator, branching, eta, guidance,
             )
             pairs.append(branched.pair | {"prompt": rows.nonzero().flatten()})
             if branched.final is not None:

@@ -62,9 +62,7 @@ def sample_tailorpo(
     may_branch = steps_k(algo.branch_selection[1], policy.num_steps)
     eta = guidance_schedule(algo.guidance, may_branch) if algo.facts.differentiable_reward else None
     return tailorpo_rollout(
-        policy, reward, prompts, generator, plan, guidance_eta=eta,
-        guidance_delta=algo.guidance.delta, guidance_through_unet=algo.guidance.through_unet,
-        guidance_units=algo.guidance.units, branching=algo.branching,
+        policy, reward, prompts, generator, plan, guidance_eta=eta, guidance=algo.guidance, branching=algo.branching,
     )
 
 

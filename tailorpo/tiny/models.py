@@ -71,9 +71,9 @@ def _tiny_sd_pipeline(directory: Path, unet: UNet2DConditionModel, vae: Autoenco
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=CLIPTextModel(_tiny_clip_config(hidden_size=32)),
-        tokenizer=_tiny_tokenizer(directory),
+        tokenizer=clip_tokenizer(directory),
         unet=unet,
-        scheduler=_sd_scheduler(),
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -109,10 +109,10 @@ def _tiny_sdxl_pipeline(directory: Path) -> StableDiffusionXLPipeline:
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
-        tokenizer=_tiny_tokenizer(directory),
-        tokenizer_2=_tiny_tokenizer(directory, subfolder="tokenizer_2", pad_token="!"),
+        tokenizer=clip_tokenizer(directory),
+        tokenizer_2=clip_tokenizer(directory, subfolder="tokenizer_2", pad_token="!"),
         unet=unet,
-        scheduler=_sd_scheduler(),
+        scheduler=sd_scheduler(),
         force_zeros_for_empty_prompt=True,  # SDXL base: the unconditional branch gets all-zero embeddings
     )
 
@@ -165,7 +165,7 @@ def _tiny_clip_config(hidden_size: int, **overrides: object) -> CLIPTextConfig:
     return CLIPTextConfig(**(settings | overrides))
 
 
-def _tiny_tokenizer(
+def clip_tokenizer(
     directory: Path, subfolder: str = "tokenizer", pad_token: str = "<|endoftext|>"
 ) -> CLIPTokenizer:
     tokenizer_dir = directory / subfolder
@@ -176,7 +176,7 @@ def _tiny_tokenizer(
     )
 
 
-def _sd_scheduler() -> DDIMScheduler:
+def sd_scheduler() -> DDIMScheduler:
     """SD v1.5's (and SDXL's) scheduler configuration: scaled_linear 0.00085..0.012, leading spacing, offset 1,
     and no alpha_bar = 1 at the end, so the last DDIM step keeps a density."""
     return DDIMScheduler(

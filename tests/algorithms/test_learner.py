@@ -230,13 +230,21 @@ def test_reward_gradient_cosine_is_optional_and_leaves_training_unchanged(policy
         assert torch.equal(with_cosine, without)
 
 
-def test_gradient_checkpointing_from_the_config_gives_the_same_gradients():
+@pytest.mark.parametrize("model", ["tiny-sd", pytest.param("full-size sd15", marks=pytest.mark.long)])
+def test_gradient_checkpointing_from_the_config_gives_the_same_gradients(model, tmp_path):
     """model.gradient_checkpointing recomputes activations in the backward pass: the learner's LoRA gradients and
-    the guidance gradient through the VAE decoder are those of the stored-activation pass."""
+    the guidance gradient through the VAE decoder are those of the stored-activation pass, on the tiny model
+    and on SD v1.5's published architecture (random weights, loaded from a local folder, at 64 px)."""
     from tailorpo.config import load_config
+    from tailorpo.tiny.full_size import make_full_size_model
     from tailorpo.training.build import build_policy
 
-    cfg = load_config("launch/tiny.yaml", ["model.gradient_checkpointing=[unet, vae]"])
+    overrides = ["model.gradient_checkpointing=[unet, vae]"]
+    if model != "tiny-sd":
+        folder = make_full_size_model(tmp_path / "sd15", "sd15")
+        overrides += [f"model.pretrained={folder}", "model.resolution=64",
+                      "lora.target_modules=[to_q,to_k,to_v,to_out.0]"]
+    cfg = load_config("launch/tiny.yaml", overrides)
     policy = build_policy(cfg, torch.device("cpu"))
     unet, vae = policy.pipe.unet, policy.pipe.vae
     assert unet.is_gradient_checkpointing and vae.is_gradient_checkpointing
