@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +81,13 @@ class Scorer:
 
     def scores(self, name: str, folder: Path | None) -> dict[str, torch.Tensor]:
         path = self.cache / f"{name}.json"
-        if path.exists() and (saved := json.loads(path.read_text()))["key"] == self.key | {"run": str(folder)}:
+        # the run's own config too: a folder retrained with another config must not reuse the old scores
+        key = self.key | {"run": str(folder), "run_config": folder and (folder / "config.yaml").read_text()}
+        if path.exists() and (saved := json.loads(path.read_text()))["key"] == key:
             return {s: torch.tensor(v, dtype=torch.float64) for s, v in saved["scores"].items()}
         scores = self._render(folder)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"key": self.key | {"run": str(folder)},
-                                    "scores": {s: v.tolist() for s, v in scores.items()}}))
+        path.write_text(json.dumps({"key": key, "scores": {s: v.tolist() for s, v in scores.items()}}))
         return scores
 
     def _render(self, folder: Path | None) -> dict[str, torch.Tensor]:
@@ -104,9 +104,9 @@ class Scorer:
         else:
             saved = read_lora(folder / "lora")
             load_lora(policy.unet, saved)
-            gate = saved.steps
-            context = nullcontext() if gate is None else policy.lora_only_at(
-                {policy.num_steps - k for k in gate.active})
+            gate = saved.steps  # None: saved ungated, so it acts at every step, whatever the config's own gate
+            context = policy.lora_only_at(
+                range(policy.num_steps) if gate is None else {policy.num_steps - k for k in gate.active})
         with context:
             return {s: evaluate(policy, self.reward, settings).scores[name].double()
                     for s, settings in self.sets.items()}
