@@ -112,6 +112,14 @@ def user_errors() -> tuple[type[Exception], ...]:
 def make_tiny_model(args: argparse.Namespace) -> int:
     from tailorpo.tiny.models import make_tiny_model as make
 
+    if args.full_size and args.sdxl:
+        print("error: --sdxl is the tiny SDXL-shaped model; for the full-size one give --full-size sdxl alone",
+              file=sys.stderr)
+        return 2
+    if not args.full_size and args.dtype != "float32":
+        print("error: --dtype applies to --full-size models only (the tiny ones are written in float32)",
+              file=sys.stderr)
+        return 2
     if args.full_size:
         import torch
 

@@ -193,3 +193,9 @@ def test_a_float16_pipeline_keeps_a_force_upcast_vae_in_float32_and_decodes_in_i
     image = policy.decode(torch.randn(1, *policy.latent_shape))
     assert image.dtype == torch.float32 and image.shape == (1, 3, RESOLUTION, RESOLUTION)
     assert load_pipeline("tiny-sdxl", dtype=torch.bfloat16).vae.dtype == torch.bfloat16  # bf16 does not overflow
+
+
+@pytest.mark.parametrize("flags", [["--full-size", "sd15", "--sdxl"], ["--dtype", "float16"]])
+def test_make_tiny_model_refuses_flags_it_would_ignore(tmp_path, capsys, flags):
+    assert main(["make-tiny-model", *flags, str(tmp_path / "m")]) == 2
+    assert "error: --" in capsys.readouterr().err and not (tmp_path / "m").exists()
