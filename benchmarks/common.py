@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import multiprocessing as mp
@@ -141,6 +142,50 @@ def peak_memory_growth(device: torch.device) -> Iterator[MemoryGrowth]:
     else:
         growth.bytes = peak_rss_bytes(reset_worked) - base
         growth.kind = "CPU peak RSS (VmHWM)" if reset_worked else "CPU peak RSS (ru_maxrss, includes load)"
+
+
+HEAP_SAMPLE_S = 2e-4
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+class HeapPeak:
+    """The peak of live malloc'd bytes (in-use arena chunks + mmapped blocks, glibc >= 2.33's ``mallinfo2``)
+    while the block runs, sampled by a thread (torch releases the GIL inside its ops). ``growth`` stays None
+    where mallinfo2 does not exist."""
+
+    def __init__(self) -> None:
+        try:
+            self._mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+            self._mallinfo2.restype = _MallInfo2
+        except (OSError, AttributeError):
+            self._mallinfo2 = None
+        self.growth: int | None = None
+
+    def _live(self) -> int:
+        info = self._mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def __enter__(self) -> HeapPeak:
+        if self._mallinfo2 is not None:
+            self._base = self._peak = self._live()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(HEAP_SAMPLE_S):
+            self._peak = max(self._peak, self._live())
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mallinfo2 is not None:
+            self._stop.set()
+            self._thread.join()
+            self.growth = max(self._peak, self._live()) - self._base
 
 
 # ---------------------------------------------------------------- setup

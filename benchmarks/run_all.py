@@ -25,7 +25,7 @@ from common import Figure, read_figures, text_table
 BENCH_DIR = Path(__file__).resolve().parent
 # name: whether it takes --config (the reward-server benchmarks start their own tiny servers instead)
 BENCHMARKS = {"iteration_cost": True, "pair_objectives": True, "reward_server": False, "reward_load": False,
-              "ray_scaling": True}
+              "ray_scaling": True, "memory": False}
 HEADER = ("benchmark", "figure", "value", "how to read it")
 ERROR_CHARS = 200
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel
 
 from reward_servers.heads import ScoreHead
-from tailorpo.rewards.base import TorchReward
+from tailorpo.rewards.base import TorchReward, upcast
 from tailorpo.rewards.clip import clip_features, load_hf_clip, tiny_clip_config
 from tailorpo.rewards.preprocess import clip_preprocess
 from tailorpo.rewards.weights import load_checked, read_checkpoint, resolve_file, seeded
@@ -30,6 +30,7 @@ HEAD_FILES = ("aesthetic-model.pth", "sac+logos+ava1-l14-linearMSE.pth")
 class AestheticReward(TorchReward):
     name = "aesthetic"
     image_size = 224
+    float32_parts = ("mlp",)
 
     def __init__(self, clip: CLIPModel, mlp: ScoreHead, model_id: str, device: str = "cpu"):
         self.clip = clip.to(device).eval().requires_grad_(False)
@@ -38,9 +39,9 @@ class AestheticReward(TorchReward):
         self.device = torch.device(device)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images.to(self.device, self.clip.dtype), self.image_size)
+        pixels = clip_preprocess(images.to(self.device), self.image_size).to(self.clip.dtype)
         embedding = clip_features(self.clip.get_image_features(pixel_values=pixels))
-        return self.mlp(F.normalize(embedding, dim=-1)).squeeze(-1)
+        return self.mlp(F.normalize(upcast(embedding), dim=-1)).squeeze(-1)
 
 
 def load_head(weights: str) -> ScoreHead:
@@ -49,11 +50,12 @@ def load_head(weights: str) -> ScoreHead:
     return load_checked(ScoreHead(768), read_checkpoint(path), str(path))
 
 
-def load(weights: str | None, tiny: bool, device: str = "cpu") -> AestheticReward:
-    """``tiny``: same classes, seeded random weights (``weights`` ignored). Otherwise the MLP from ``weights``
-    (default: trl-lib's hub copy of sac+logos+ava1-l14-linearMSE.pth) on openai/clip-vit-large-patch14."""
+def load(weights: str | None, tiny: bool, device: str = "cpu", clip: str = CLIP_ID) -> AestheticReward:
+    """``tiny``: same classes, seeded random weights (``weights`` and ``clip`` ignored). Otherwise the MLP from
+    ``weights`` (default: trl-lib's hub copy of sac+logos+ava1-l14-linearMSE.pth) on the CLIP ViT-L/14 of
+    ``clip``: a hub id or a local folder in transformers' format (default openai/clip-vit-large-patch14)."""
     if tiny:
-        clip, mlp = seeded(lambda: (CLIPModel(tiny_clip_config(768)), ScoreHead(768)))
-        return AestheticReward(clip, mlp, "tiny", device)
+        clip_model, mlp = seeded(lambda: (CLIPModel(tiny_clip_config(768)), ScoreHead(768)))
+        return AestheticReward(clip_model, mlp, "tiny", device)
     mlp = load_head(weights or DEFAULT_WEIGHTS)  # first: a bad path fails before the 1.7 GB CLIP loads
-    return AestheticReward(load_hf_clip(CLIP_ID, device), mlp, weights or DEFAULT_WEIGHTS, device)
+    return AestheticReward(load_hf_clip(clip, device), mlp, weights or DEFAULT_WEIGHTS, device)

@@ -22,7 +22,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from tailorpo.rewards.base import TorchReward
+from tailorpo.rewards.base import TorchReward, upcast
 from tailorpo.rewards.preprocess import normalize
 from tailorpo.rewards.weights import check_state_dict, read_checkpoint, resolve_file, seeded
 
@@ -58,10 +58,10 @@ class HPSv2Reward(TorchReward):
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
-        pixels = hps_preprocess(images.to(self.device, dtype), self.image_size)
-        image = self.model.encode_image(pixels, normalize=True)
-        text = self.model.encode_text(self.tokenizer(list(prompts)).to(self.device), normalize=True)
-        return SCORE_SCALE * (image * text).sum(-1)
+        pixels = hps_preprocess(images.to(self.device), self.image_size).to(dtype)
+        image = upcast(self.model.encode_image(pixels))  # the cosine in float32 whatever the weights' dtype
+        text = upcast(self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)))
+        return SCORE_SCALE * F.cosine_similarity(image, text, dim=-1)
 
 
 def build_vit_h_14(device: str = "cpu") -> open_clip.CLIP:

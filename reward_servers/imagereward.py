@@ -132,12 +132,14 @@ class ImageRewardNet(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Raw (unnormalised) reward, (N,)."""
-        return self.mlp(self.text_features(pixel_values, input_ids, attention_mask)).squeeze(-1)
+        features = self.text_features(pixel_values, input_ids, attention_mask)
+        return self.mlp(features.to(next(self.mlp.parameters()).dtype)).squeeze(-1)  # a float32 head: cast()
 
 
 class ImageRewardModel(TorchReward):
     name = "imagereward"
     image_size = 224
+    float32_parts = ("net.mlp",)
 
     def __init__(self, net: ImageRewardNet, tokenizer: BertTokenizer, model_id: str, device: str = "cpu"):
         self.net = net.to(device).eval().requires_grad_(False)
@@ -154,7 +156,7 @@ class ImageRewardModel(TorchReward):
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         dtype = next(self.net.parameters()).dtype
-        pixels = clip_preprocess(images.to(self.device, dtype), self.image_size)
+        pixels = clip_preprocess(images.to(self.device), self.image_size).to(dtype)
         raw = self.net(pixels, **self.tokenize(prompts))
         return (raw - SCORE_MEAN) / SCORE_STD
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
-from tailorpo.rewards.base import TorchReward
+from tailorpo.rewards.base import TorchReward, upcast
 from tailorpo.rewards.clip import clip_features, load_hf_clip, tiny_clip_config, tiny_clip_tokenizer
 from tailorpo.rewards.preprocess import clip_preprocess
 from tailorpo.rewards.weights import resolve_file, seeded
@@ -35,7 +35,7 @@ class PickScoreReward(TorchReward):
         self.device = torch.device(device)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images.to(self.device, self.model.dtype), self.image_size)
+        pixels = clip_preprocess(images.to(self.device), self.image_size).to(self.model.dtype)
         tokens = self.tokenizer(
             list(prompts), padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
         )
@@ -45,17 +45,17 @@ class PickScoreReward(TorchReward):
                 input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device)
             )
         )
-        return self.model.logit_scale.exp() * F.cosine_similarity(image, text, dim=-1)
+        return upcast(self.model.logit_scale).exp() * F.cosine_similarity(upcast(image), upcast(text), dim=-1)
 
 
-def load(weights: str | None, tiny: bool, device: str = "cpu") -> PickScoreReward:
-    """``tiny``: same classes, seeded random weights, CLIP BPE built locally (``weights`` ignored). Otherwise
-    a hub id or local folder in transformers format (default PickScore_v1), checked strictly, with the
-    tokenizer of laion/CLIP-ViT-H-14-laion2B-s32B-b79K."""
+def load(weights: str | None, tiny: bool, device: str = "cpu", tokenizer: str = PROCESSOR_ID) -> PickScoreReward:
+    """``tiny``: same classes, seeded random weights, CLIP BPE built locally (``weights`` and ``tokenizer``
+    ignored). Otherwise a hub id or local folder in transformers format (default PickScore_v1), checked strictly,
+    with the tokenizer of ``tokenizer``: a hub id or local folder (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
+    the one PickScore was trained with)."""
     if tiny:
         model = seeded(lambda: CLIPModel(tiny_clip_config(32)))
         return PickScoreReward(model, tiny_clip_tokenizer(), "tiny", device)
     source = weights or DEFAULT_WEIGHTS
     resolve_file(source, ("config.json",))  # first: a bad path fails before the tokenizer download
-    tokenizer = CLIPTokenizer.from_pretrained(PROCESSOR_ID)
-    return PickScoreReward(load_hf_clip(source, device), tokenizer, source, device)
+    return PickScoreReward(load_hf_clip(source, device), CLIPTokenizer.from_pretrained(tokenizer), source, device)

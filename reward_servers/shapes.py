@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tailorpo.rewards.base import RewardInputError, TorchReward
+from tailorpo.rewards.base import RewardInputError, TorchReward, upcast
 from tailorpo.rewards.images import resize_and_center_crop
 from tailorpo.rewards.weights import load_checked, read_checkpoint, resolve_file, seeded
 from tailorpo.tiny.shape_classifier import ShapeClassifier, attribute_log_probs
@@ -35,9 +35,10 @@ class ShapeMatchReward(TorchReward):
             raise RewardInputError(err.args[0]) from None
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = resize_and_center_crop(images.to(self.device), self.image_size)
+        dtype = next(self.classifier.parameters()).dtype
+        pixels = resize_and_center_crop(images.to(self.device), self.image_size).to(dtype)
         scenes = scenes_of(prompts).to(self.device)
-        return attribute_log_probs(self.classifier(pixels), scenes).sum(dim=1)
+        return attribute_log_probs(upcast(self.classifier(pixels)), scenes).sum(dim=1)
 
 
 def load_classifier(weights: str) -> ShapeClassifier:

@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--device", default="cpu")
     serve_p.add_argument("--weights", help="hub id or local path of the checkpoint (default: the published one)")
     serve_p.add_argument("--tiny", action="store_true", help="same architecture, small random weights (tests)")
+    serve_p.add_argument("--component", action="append", default=[], metavar="PART=PATH",
+                         help="hub id or local path of a further part, e.g. clip=/models/clip-vit-large-patch14 "
+                         "for aesthetic (docs/rewards.md)")
+    serve_p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                         help="dtype of the reward model's weights (scores stay float32)")
     serve_p.add_argument("--max-batch-size", type=int, default=ServerConfig.max_batch_size)
     serve_p.add_argument("--max-wait-ms", type=float, default=ServerConfig.max_wait_ms)
     serve_p.add_argument("--max-queue", type=int, default=ServerConfig.max_queue)
@@ -198,7 +203,9 @@ def sample_pairs(args: argparse.Namespace) -> int:
 
 
 def serve_reward(args: argparse.Namespace) -> int:
-    from tailorpo.rewards.catalogue import SERVER, build_reward, resolve, reward_entry
+    import torch
+
+    from tailorpo.rewards.catalogue import SERVER, build_reward, check_components, resolve, reward_entry
     from tailorpo.rewards.service import token_from_env
 
     try:
@@ -209,7 +216,12 @@ def serve_reward(args: argparse.Namespace) -> int:
         )
         score_notes = reward_entry(args.name, "serve-reward NAME").score_notes
         serve_forever = resolve(SERVER, "serve-reward")
-        model = build_reward(args.name, args.weights, tiny=args.tiny, device=args.device, field="serve-reward NAME")
+        components = dict(part.split("=", 1) for part in args.component if "=" in part)
+        if len(components) != len(args.component):
+            raise ValueError(f"--component: {args.component} must each be PART=PATH, e.g. clip=/models/clip-l")
+        check_components(args.name, components, "--component")
+        model = build_reward(args.name, args.weights, tiny=args.tiny, device=args.device, field="serve-reward NAME",
+                             dtype=getattr(torch, args.dtype), components=components)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

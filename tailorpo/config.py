@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from tailorpo.prompts import SIMPLE_ANIMALS
-from tailorpo.rewards.catalogue import REWARD_NAMES, reward_entry
+from tailorpo.rewards.catalogue import REWARD_NAMES, check_components, reward_entry
 from tailorpo.rewards.service import (
     BACKOFF_S,
     MAX_BACKOFF_S,
@@ -61,6 +61,10 @@ class ModelConfig(Section):
         [], description="Recompute these modules' activations in the backward pass instead of keeping them: "
         "'unet' (learner steps, guidance through the UNet), 'vae' (the decoder in TailorPO-G's guidance). The "
         "same gradients for about one more forward; the memory it saves: docs/benchmarks.md.",
+    )
+    vae_slicing: bool = Field(
+        False, description="Decode a batch one image at a time (diffusers' enable_slicing): the same images with "
+        "the decode's activation peak of one image (eval decodes eval.batch_size images at once otherwise).",
     )
 
 
@@ -320,6 +324,13 @@ class LaunchedRewardServer(Section):
     weights: str | None = Field(None, description="Hub id or path of the checkpoint (default: the published one).")
     tiny: bool = Field(False, description="Tiny random weights of the same architecture (tests).")
     device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the reward model's weights (bfloat16 halves them; scores stay float32)."
+    )
+    components: dict[str, str] = Field(
+        {}, description="Hub id or local path of each further part the reward loads, e.g. {clip: /models/clip-l} "
+        "for aesthetic (docs/rewards.md lists each reward's parts)."
+    )
     weight: float = Field(1.0, description="Weight in the sum of all rewards.")
     host: str = Field(ServerConfig.host, description="Bind address; samplers on other nodes need a reachable one.")
     resources: ActorResources = Field(ActorResources(), description="Where the server's owner actor is placed.")
@@ -334,6 +345,7 @@ class LaunchedRewardServer(Section):
     def _servable(self) -> LaunchedRewardServer:
         """At load, not when the Ray job starts the server."""
         reward_entry(self.name, "name")
+        check_components(self.name, self.components, "components")
         check_server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
         return self
 

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import iteration_cost
+import memory
 import pytest
 import run_all  # benchmarks/ is on pytest's pythonpath (pyproject.toml), as it is first on sys.path for a script
 import torch
@@ -139,3 +140,34 @@ def test_quick_run_all_tables_iteration_cost_with_finite_figures(tmp_path):
     assert rows["UNet/VAE counts off their minimum"] == "0"
     assert math.isfinite(float(rows["time per pair, TailorPO/D3PO"]))
     assert math.isfinite(float(rows["time per pair, TailorPO/paper steps"]))  # the paper's steps <= 4: [4]
+
+
+def test_memory_model_recovers_a_linear_phase_and_sizes_the_gpu():
+    """memory.py's model B * (a + b * px^2) through two batch-1 points gives back a phase that is exactly that,
+    and the GPU total adds the weights, the allocator margin and one CUDA context per process."""
+    a, b = 0.3 * memory.GiB, 2e-5 * memory.GiB
+
+    def point(resolution: int, batch: int) -> memory.Measured:
+        value = batch * (a + b * resolution**2)
+        return memory.Measured("s", resolution, batch, dict.fromkeys(memory.PHASES, value),
+                               policy_weights=4e9, reward_weights=1.7e9)
+
+    coefficients = memory.fit(point(256, 1), point(384, 1))
+    predicted = memory.predict(coefficients, 512, 2)
+    assert all(e == pytest.approx(0, abs=1e-12) for e in memory.relative_errors(predicted, point(512, 2)).values())
+    recipe = memory.RECIPES[0]
+    assert recipe.with_reward and "guidance" in recipe.phases
+    expected = 4e9 + 1.7e9 + 2 * (a + b * 512**2) * (1 + memory.ALLOCATOR_MARGIN) + 2 * memory.CONTEXT_GIB * memory.GiB
+    assert memory.gpu_total(point(256, 1), predicted, recipe) == pytest.approx(expected)
+    assert memory.smallest_gpu(23.9e9) == "24 GB" and memory.smallest_gpu(81e9) == "> 80 GB"
+
+
+@pytest.mark.slow
+def test_memory_phases_run_and_the_guidance_graph_grows_with_the_batch():
+    """Every phase runs through the real code on the tiny model (with the real-size aesthetic reward), and the
+    guidance phase, which holds a graph per prompt, holds about twice as much at batch 2 as at batch 1."""
+    setting = memory.SETTINGS["bf16 + checkpointing"]
+    one, two = (in_spawned_process(memory.measure, setting, 64, batch, "tiny-sd", 1) for batch in (1, 2))
+    assert set(one.phases) == set(memory.PHASES) and all(v > 0 for v in one.phases.values())
+    assert 1.6 < two.phases["guidance"] / one.phases["guidance"] < 2.4
+    assert one.reward_weights == pytest.approx(4 * (427.6e6 + 0.93e6), rel=0.01)  # CLIP-L and its head, float32

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -35,6 +36,30 @@ def adapters_enabled(unet: UNet2DConditionModel) -> bool:
     """Whether the UNet's LoRA layers currently act (peft switches them all together)."""
     layer = next((m for m in unet.modules() if isinstance(m, BaseTunerLayer)), None)
     return layer is not None and not layer.disable_adapters
+
+
+def adapter_aware_checkpointing(unet: UNet2DConditionModel) -> Callable[..., Any]:
+    """diffusers' gradient-checkpointing function for ``unet``, recomputing each block with the LoRA switched as
+    it was in the forward pass. The recomputation runs in the backward pass, after a ``reference_model`` block
+    (the base model at a step the LoRA is gated off) has switched the LoRA back on: torch's own checkpoint would
+    then recompute LoRA activations the forward never made (a checkpoint error, or wrong gradients)."""
+
+    def checkpoint(block: torch.nn.Module, *args: Any) -> Any:
+        enabled = adapters_enabled(unet)
+
+        def run(*inputs: Any) -> Any:
+            now = adapters_enabled(unet)
+            if now == enabled:  # the forward itself, or a recompute in the same state
+                return block(*inputs)
+            unet.enable_adapters() if enabled else unet.disable_adapters()
+            try:
+                return block(*inputs)
+            finally:
+                unet.enable_adapters() if now else unet.disable_adapters()
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    return checkpoint
 
 
 @contextmanager

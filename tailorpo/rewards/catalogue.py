@@ -7,17 +7,21 @@ open_clip) load only when that reward is built. A reward package of one's own pl
 (``"mypkg.rewards:Brightness"``).
 
 A loader is either a ``RewardModel`` class, built without arguments (a reward with no weights), or a function
-``load(weights, tiny, device)`` (``weights`` None: the published checkpoint; ``tiny``: seeded random weights of
-the same architecture, for tests).
+``load(weights, tiny, device, **components)`` (``weights`` None: the published checkpoint; ``tiny``: seeded random
+weights of the same architecture, for tests; each component a keyword argument naming the hub id or local path of
+a further part the reward loads, such as aesthetic's CLIP, so that a node without the hub can use local copies).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from tailorpo.rewards.base import RewardModel
 
 
@@ -26,16 +30,19 @@ class RewardEntry:
     loader: str  # "module:attr"
     differentiable: bool  # TailorPO-G needs d score / d image; checked against the built model by the tests
     score_notes: str  # what the scores mean, sent by the server in Info
+    components: tuple[str, ...] = ()  # the loader's keyword arguments for further parts (hub id or local path)
 
 
 CATALOGUE: dict[str, RewardEntry] = {
     "aesthetic": RewardEntry(
         "reward_servers.aesthetic:load", True,
-        "LAION improved aesthetic predictor (sac+logos+ava1-l14-linearMSE), about 1..10; SD v1.5 ~5.7"),
+        "LAION improved aesthetic predictor (sac+logos+ava1-l14-linearMSE), about 1..10; SD v1.5 ~5.7", ("clip",)),
     "imagereward": RewardEntry(
-        "reward_servers.imagereward:load", True, "ImageReward, standardised (raw - 0.1672) / 1.0333; SD v1.5 ~0"),
+        "reward_servers.imagereward:load", True, "ImageReward, standardised (raw - 0.1672) / 1.0333; SD v1.5 ~0",
+        ("tokenizer",)),
     "pickscore": RewardEntry(
-        "reward_servers.pickscore:load", True, "PickScore_v1, exp(logit_scale) * cosine, about 0..30; SD v1.5 ~17.7"),
+        "reward_servers.pickscore:load", True, "PickScore_v1, exp(logit_scale) * cosine, about 0..30; SD v1.5 ~17.7",
+        ("tokenizer",)),
     "hpsv2": RewardEntry(
         "reward_servers.hpsv2:load", True, "HPS v2 cosine x 100; SD v1.5 ~25.8 (v2.0 and v2.1 are not comparable)"),
     "shapes": RewardEntry(
@@ -80,12 +87,32 @@ def is_differentiable(name: str) -> bool:
     return reward_entry(name).differentiable
 
 
+def check_components(name: str, components: Mapping[str, str], field: str) -> None:
+    """ValueError naming ``field`` and reward ``name``'s parts when ``components`` names another."""
+    known = reward_entry(name).components
+    if unknown := sorted(set(components) - set(known)):
+        parts = f"its parts are: {', '.join(known)}" if known else "it loads no further parts"
+        raise ValueError(f"{field}: reward {name!r} has no component {', '.join(map(repr, unknown))}; {parts}")
+
+
 def build_reward(
-    name: str, weights: str | None = None, tiny: bool = False, device: str = "cpu", field: str = "reward.name"
+    name: str,
+    weights: str | None = None,
+    tiny: bool = False,
+    device: str = "cpu",
+    field: str = "reward.name",
+    dtype: torch.dtype | None = None,
+    components: Mapping[str, str] | None = None,
 ) -> RewardModel:
-    """Reward ``name`` in this process: its published weights, ``weights``, or with ``tiny`` seeded random ones.
-    A reward without weights (a class in the catalogue) ignores ``weights`` and ``tiny``."""
+    """Reward ``name`` in this process: its published weights, ``weights``, or with ``tiny`` seeded random ones,
+    its further parts from ``components`` (defaults: the published ones), its weights cast to ``dtype``.
+    A reward without weights (a class in the catalogue) ignores ``weights``, ``tiny`` and ``dtype``."""
+    components = dict(components or {})
+    check_components(name, components, field)
     loader = resolve(reward_entry(name, field).loader, field)
     if isinstance(loader, type):
         return loader()
-    return loader(weights, tiny=tiny, device=device)
+    model = loader(weights, tiny=tiny, device=device, **components)
+    if dtype is not None:
+        model.cast(dtype)
+    return model

@@ -51,6 +51,7 @@ class RewardServerOwner:
                    "--host", spec.host, "--device", spec.device]
         command += ["--weights", spec.weights] if spec.weights else []
         command += ["--tiny"] if spec.tiny else []
+        command += ["--dtype", spec.dtype] + [f"--component={part}={path}" for part, path in spec.components.items()]
         command += ["--token-env", self.token_env] if self.token_env else []
         command += ["--tls-cert", spec.tls_cert, "--tls-key", spec.tls_key] if spec.tls_cert else []
         command += ["--tls-client-ca", spec.tls_client_ca] if spec.tls_client_ca else []

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tailorpo.tiny.models import clip_tokenizer, sd_scheduler
 
@@ -28,6 +28,14 @@ CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "n
 # OpenCLIP ViT-bigG/14's text tower (SDXL's second text encoder, with its projection)
 CLIP_BIG_G = CLIP_L | {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
                        "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}
+# CLIP ViT-L/14's image tower at 224 px (openai/clip-vit-large-patch14: the aesthetic reward's CLIP)
+CLIP_L_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                 "image_size": 224, "patch_size": 14, "hidden_act": "quick_gelu", "projection_dim": 768}
+
+
+def clip_vit_l14() -> CLIPModel:
+    """openai/clip-vit-large-patch14 with random weights (427.6M parameters): the aesthetic reward at real size."""
+    return CLIPModel(CLIPConfig(text_config=CLIP_L, vision_config=CLIP_L_VISION, projection_dim=768))
 
 
 def sd_vae(scaling_factor: float, sample_size: int) -> AutoencoderKL:

@@ -12,7 +12,7 @@ import torch
 from tailorpo.algorithms.learner import LoraLearner, RewardSource
 from tailorpo.algorithms.registry import algorithm_of
 from tailorpo.config import Config, ConfigError
-from tailorpo.diffusion.lora import add_lora
+from tailorpo.diffusion.lora import adapter_aware_checkpointing, add_lora
 from tailorpo.diffusion.pipeline import load_pipeline
 from tailorpo.diffusion.policy import DiffusionPolicy
 from tailorpo.rewards import RewardModel, build_reward
@@ -40,8 +40,12 @@ def build_policy(cfg: Config, device: torch.device) -> DiffusionPolicy:
     """Load the base pipeline, attach a fresh LoRA, and wrap it as the sampling/training policy (its LoRA gated
     to the steps lora.active_steps names)."""
     pipe = load_pipeline(cfg.model.pretrained, cfg.model.revision, DTYPES[cfg.model.dtype], str(device))
-    for name in cfg.model.gradient_checkpointing:  # diffusers checkpoints only while grad is enabled
-        getattr(pipe, name).enable_gradient_checkpointing()
+    if "unet" in cfg.model.gradient_checkpointing:  # diffusers checkpoints only while grad is enabled
+        pipe.unet.enable_gradient_checkpointing(adapter_aware_checkpointing(pipe.unet))
+    if "vae" in cfg.model.gradient_checkpointing:
+        pipe.vae.enable_gradient_checkpointing()
+    if cfg.model.vae_slicing:
+        pipe.vae.enable_slicing()
     add_lora(pipe.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
     autocast = torch.bfloat16 if cfg.optim.mixed_precision == "bf16" else None
     return DiffusionPolicy(

@@ -232,9 +232,10 @@ def test_reward_gradient_cosine_is_optional_and_leaves_training_unchanged(policy
 
 @pytest.mark.parametrize("model", ["tiny-sd", pytest.param("full-size sd15", marks=pytest.mark.long)])
 def test_gradient_checkpointing_from_the_config_gives_the_same_gradients(model, tmp_path):
-    """model.gradient_checkpointing recomputes activations in the backward pass: the learner's LoRA gradients and
-    the guidance gradient through the VAE decoder are those of the stored-activation pass, on the tiny model
-    and on SD v1.5's published architecture (random weights, loaded from a local folder, at 64 px)."""
+    """model.gradient_checkpointing recomputes activations in the backward pass: the learner's LoRA gradients,
+    the guidance gradient through the VAE decoder, and TailorPO-G's gradient through the UNet at a step the LoRA
+    is gated off (recomputed after the gate switched it back on) are those of the stored-activation pass, on the
+    tiny model and on SD v1.5's published architecture (random weights, loaded from a local folder, at 64 px)."""
     from tailorpo.config import load_config
     from tailorpo.tiny.full_size import make_full_size_model
     from tailorpo.training.build import build_policy
@@ -260,12 +261,15 @@ def test_gradient_checkpointing_from_the_config_gives_the_same_gradients(model, 
         learner.pair_logits(pairs, embeds).sum().backward()
         x = latents.clone().requires_grad_(True)
         (policy.decode(x) ** 2).sum().backward()
-        return [p.grad.clone() for p in learner.params] + [x.grad]
+        through_gated_unet = learner.step_reward_gradient(colorfulness, 0, latents, two_prompts, PROMPTS)
+        return [p.grad.clone() for p in learner.params] + [x.grad, through_gated_unet]
 
+    colorfulness, two_prompts = build_reward("colorfulness"), policy.encode_prompts(PROMPTS)
+    assert 1 not in policy.lora_at  # the UNet at step index 1 (k = 19) runs as the base model
     checkpointed = gradients()
     unet.disable_gradient_checkpointing()
     vae.disable_gradient_checkpointing()
     stored = gradients()
-    assert all(g.abs().sum() > 0 for g in stored[-1:]) and sum(g.abs().sum() for g in stored[:-1]) > 0
+    assert all(g.abs().sum() > 0 for g in stored[-2:]) and sum(g.abs().sum() for g in stored[:-2]) > 0
     for a, b in zip(checkpointed, stored, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -90,3 +90,21 @@ def test_mixed_precision_covers_the_vae_decode():
     mixed = DiffusionPolicy(pipe, resolution=32, autocast_dtype=torch.bfloat16).decode(latents)
     assert mixed.dtype == torch.float32 and not torch.equal(full, mixed)
     torch.testing.assert_close(mixed, full, atol=0.05, rtol=0)
+
+
+def test_vae_slicing_from_the_config_decodes_one_image_at_a_time_to_the_same_images():
+    """model.vae_slicing: the decoder sees one image per call (its activation peak is one image's, what lets
+    eval decode eval.batch_size images at 512 px), and the images are those of a batched decode."""
+    from tailorpo.config import load_config
+    from tailorpo.training.build import build_policy
+
+    policy = build_policy(load_config("launch/tiny.yaml", ["model.vae_slicing=true"]), torch.device("cpu"))
+    latents = torch.randn(3, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    rows = []
+    hook = policy.pipe.vae.decoder.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    sliced = policy.decode(latents)
+    policy.pipe.vae.disable_slicing()
+    batched = policy.decode(latents)
+    hook.remove()
+    assert rows == [1, 1, 1, 3]
+    torch.testing.assert_close(sliced, batched, atol=1e-5, rtol=0)  # float32 kernels batch differently

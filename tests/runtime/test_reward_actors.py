@@ -8,7 +8,10 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from reward_servers import aesthetic
+from tailorpo.rewards.catalogue import build_reward
 from tailorpo.rewards.grpc_client import GrpcReward, RewardServerError
 from tailorpo.runtime.reward_actors import RewardServerOwner
 from tests.conftest import self_signed_cert
@@ -70,5 +73,26 @@ def test_launched_server_with_mutual_tls_is_probed_and_called_with_the_client_ce
         assert client.score(torch.rand(1, 3, 8, 8), ["a"]).scores.shape == (1,)
         with pytest.raises(RewardServerError, match="TLS handshake failed"):
             GrpcReward([owner.address()], tls_ca=cert, connect_timeout_s=2.0)
+    finally:
+        owner.stop()
+
+
+@pytest.mark.slow
+def test_launched_server_loads_local_parts_in_bfloat16(tmp_path):
+    """reward.launch's ``components`` and ``dtype`` reach ``serve-reward``: an aesthetic server from a local head
+    file and a local CLIP folder (no hub id anywhere) scores as the same reward built in this process."""
+    reference = aesthetic.load(None, tiny=True)
+    reference.clip.save_pretrained(tmp_path / "clip")
+    save_file(reference.mlp.state_dict(), str(tmp_path / "head.safetensors"))
+    spec = {"name": "aesthetic", "weights": str(tmp_path / "head.safetensors"), "dtype": "bfloat16",
+            "components": {"clip": str(tmp_path / "clip")}}
+    local = build_reward("aesthetic", spec["weights"], dtype=torch.bfloat16, components=spec["components"])
+    owner = RewardServerOwner(spec, None)
+    try:
+        images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        served = GrpcReward([owner.address()]).score(images, ["a", "b"]).scores
+        same = (served - local.score(images, ["a", "b"]).scores).abs().max()  # the wire's rounding apart
+        bf16_effect = (served - reference.score(images, ["a", "b"]).scores).abs().max()
+        assert same < 1e-4 and bf16_effect > 10 * same, (same, bf16_effect)
     finally:
         owner.stop()

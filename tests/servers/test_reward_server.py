@@ -276,6 +276,8 @@ def test_mutual_tls(tmp_path):
         (["--tls-client-ca", "ca.pem"], "--tls-client-ca (mutual TLS) needs the server's own --tls-cert"),
         (["--tls-cert", "nowhere.pem", "--tls-key", "nowhere.key"], "--tls-cert nowhere.pem: no such file"),
         (["--weights", "nowhere.pth"], "nowhere.pth"),
+        (["--component", "clp=/m"], "--component: reward 'aesthetic' has no component 'clp'; its parts are: clip"),
+        (["--component", "/models/clip"], "must each be PART=PATH"),
     ],
 )
 @pytest.mark.slow
