@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ast
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import iteration_cost
@@ -143,22 +146,28 @@ def test_quick_run_all_tables_iteration_cost_with_finite_figures(tmp_path):
 
 
 def test_memory_model_recovers_a_linear_phase_and_sizes_the_gpu():
-    """memory.py's model B * (a + b * px^2) through two batch-1 points gives back a phase that is exactly that,
-    and the GPU total adds the weights, the allocator margin and one CUDA context per process."""
+    """memory.py's model a + B * b * px^2 through two batch-1 points gives back a phase that is exactly that (the
+    eval's batch is eval.batch_size, whatever B); measurements at the target resolution take over from the fit,
+    linear in the batch; the GPU total adds the weights, the allocator margin and a CUDA context per process."""
     a, b = 0.3 * memory.GiB, 2e-5 * memory.GiB
 
-    def point(resolution: int, batch: int) -> memory.Measured:
-        value = batch * (a + b * resolution**2)
-        return memory.Measured("s", resolution, batch, dict.fromkeys(memory.PHASES, value),
-                               policy_weights=4e9, reward_weights=1.7e9)
+    def point(resolution: int, batch: int, extra: float = 0.0) -> memory.Measured:
+        value = {p: a + (1 if p == "eval" else batch) * b * resolution**2 + extra for p in memory.PHASES}
+        return memory.Measured("s", resolution, batch, value, policy_weights=4e9, reward_weights=1.7e9)
 
     coefficients = memory.fit(point(256, 1), point(384, 1))
-    predicted = memory.predict(coefficients, 512, 2)
-    assert all(e == pytest.approx(0, abs=1e-12) for e in memory.relative_errors(predicted, point(512, 2)).values())
+    for batch in (1, 2):
+        errors = memory.relative_errors(memory.predict(coefficients, 512, batch), point(512, batch))
+        assert all(e == pytest.approx(0, abs=1e-12) for e in errors.values())
+    measured = {(512, 1): point(512, 1, extra=1e8), (512, 2): point(512, 2, extra=3e8)}  # the fit was off
+    at_16 = memory.at_batch(measured, coefficients, 512, 16)
+    assert at_16["learn"] == pytest.approx(point(512, 1).phases["learn"] + 1e8 + 15 * (b * 512**2 + 2e8))
+    assert at_16["eval"] == pytest.approx(a + b * 512**2 + 1e8 + 15 * 2e8)
     recipe = memory.RECIPES[0]
     assert recipe.with_reward and "guidance" in recipe.phases
-    expected = 4e9 + 1.7e9 + 2 * (a + b * 512**2) * (1 + memory.ALLOCATOR_MARGIN) + 2 * memory.CONTEXT_GIB * memory.GiB
-    assert memory.gpu_total(point(256, 1), predicted, recipe) == pytest.approx(expected)
+    two = memory.predict(coefficients, 512, 2)
+    expected = 4e9 + 1.7e9 + two["guidance"] * (1 + memory.ALLOCATOR_MARGIN) + 2 * memory.CONTEXT_GIB * memory.GiB
+    assert memory.gpu_total(point(256, 1), two, recipe) == pytest.approx(expected)
     assert memory.smallest_gpu(23.9e9) == "24 GB" and memory.smallest_gpu(81e9) == "> 80 GB"
 
 
@@ -171,3 +180,19 @@ def test_memory_phases_run_and_the_guidance_graph_grows_with_the_batch():
     assert set(one.phases) == set(memory.PHASES) and all(v > 0 for v in one.phases.values())
     assert 1.6 < two.phases["guidance"] / one.phases["guidance"] < 2.4
     assert one.reward_weights == pytest.approx(4 * (427.6e6 + 0.93e6), rel=0.01)  # CLIP-L and its head, float32
+
+
+@pytest.mark.long
+def test_memory_quick_mode_at_real_size_predicts_the_recipes(tmp_path):
+    """``benchmarks/memory.py --quick`` end to end on SD v1.5's published architecture (written to a temp dir):
+    every recipe gets a GPU total above its weights, and the fit's error at the check resolution is reported."""
+    figures = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--quick", "--figures",
+                           str(figures)], capture_output=True, text=True, timeout=1800, cwd=tmp_path,
+                          env=os.environ | {"TMPDIR": str(tmp_path)})  # the 2 GB model folder goes in tmp_path
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_name = {f.name: f.value for f in read_figures(figures)}
+    total = by_name["TailorPO-G, one GPU with the reward server, bf16 + checkpointing (GB)"]
+    assert 2.14 + 1.71 + 2 * memory.CONTEXT_GIB < total < 24  # weights + contexts + activations; fits 24 GB
+    assert math.isfinite(by_name["fit error at 128 px (%)"])
+    assert "What GPU a recipe needs at 512 px" in proc.stdout and "launch/dpo_sd15.yaml, B=16" in proc.stdout

@@ -7,6 +7,7 @@ its reward runs. ``differentiable_reward`` wraps any of them as an autograd op f
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -92,8 +93,7 @@ class TorchReward(RewardModel):
             if isinstance(value, torch.nn.Module):
                 value.to(dtype)
         for name in self.float32_parts:
-            owner, _, attr = name.rpartition(".")
-            getattr(self.__dict__[owner] if owner else self, attr).float()
+            functools.reduce(getattr, name.split("."), self).float()
 
     @abstractmethod
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
