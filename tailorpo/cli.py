@@ -205,7 +205,7 @@ def sample_pairs(args: argparse.Namespace) -> int:
 def serve_reward(args: argparse.Namespace) -> int:
     import torch
 
-    from tailorpo.rewards.catalogue import SERVER, build_reward, check_components, resolve, reward_entry
+    from tailorpo.rewards.catalogue import SERVER, build_reward, resolve, reward_entry
     from tailorpo.rewards.service import token_from_env
 
     try:
@@ -219,9 +219,8 @@ def serve_reward(args: argparse.Namespace) -> int:
         components = dict(part.split("=", 1) for part in args.component if "=" in part)
         if len(components) != len(args.component):
             raise ValueError(f"--component: {args.component} must each be PART=PATH, e.g. clip=/models/clip-l")
-        check_components(args.name, components, "--component")
         model = build_reward(args.name, args.weights, tiny=args.tiny, device=args.device, field="serve-reward NAME",
-                             dtype=getattr(torch, args.dtype), components=components)
+                             dtype=getattr(torch, args.dtype), components=components, components_field="--component")
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

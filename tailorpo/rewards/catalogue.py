@@ -103,12 +103,14 @@ def build_reward(
     field: str = "reward.name",
     dtype: torch.dtype | None = None,
     components: Mapping[str, str] | None = None,
+    components_field: str | None = None,
 ) -> RewardModel:
     """Reward ``name`` in this process: its published weights, ``weights``, or with ``tiny`` seeded random ones,
     its further parts from ``components`` (defaults: the published ones), its weights cast to ``dtype``.
-    A reward without weights (a class in the catalogue) ignores ``weights``, ``tiny`` and ``dtype``."""
+    A reward without weights (a class in the catalogue) ignores ``weights``, ``tiny`` and ``dtype``. Errors name
+    ``field`` (``components_field`` for a part the reward does not have, when the caller has its own name)."""
     components = dict(components or {})
-    check_components(name, components, field)
+    check_components(name, components, components_field or field)
     loader = resolve(reward_entry(name, field).loader, field)
     if isinstance(loader, type):
         return loader()
