@@ -109,7 +109,7 @@ class Measured:
     batch: int
     phases: dict[str, float] = field(default_factory=dict)  # bytes
     seconds: dict[str, float] = field(default_factory=dict)
-    policy_weights: float = 0.0  # bytes: UNet (with LoRA), VAE, text encoder
+    policy_weights: float = 0.0  # bytes: every module of the pipeline (UNet with its LoRA, VAE, text encoders)
     reward_weights: float = 0.0
 
 
@@ -359,14 +359,14 @@ def measure_points(
     for name in names:
         measured[name] = points = {}
         for resolution, batch in ((low, 1), (high, 1), (check, 1), (check, 2), *args.also):
-            if resolution >= check:
+            key = f"{args.model} {name} @ {resolution}/{batch}"
+            if key not in cache and resolution >= check:  # a point already measured is kept whatever is free now
                 first = points[low, 1]
                 need = first.policy_weights + first.reward_weights + 1.2 * max(
                     predict(fit(points[low, 1], points[high, 1]), resolution, batch).values()) + 2 * GiB
                 if need > available_bytes():
                     skipped.append(f"'{name}' at {resolution} px, batch {batch} (needs ~{gib(need)} GiB)")
                     continue
-            key = f"{args.model} {name} @ {resolution}/{batch}"
             if key not in cache:
                 print(f"measuring '{name}' at {resolution} px, batch {batch} ...", flush=True)
                 cache[key] = asdict(in_spawned_process(measure, SETTINGS[name], resolution, batch, model_dir,
